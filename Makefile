@@ -1,0 +1,27 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   train a small ViT on CIFAR-10 and print its test accuracy
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= $(firstword $(wildcard ../shared/data/cifar-10-batches-bin) cifar10)
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+# torch is pinned through constraints.txt so that the reference packages never replace it.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/vitlab models vit_
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,147 @@
+"""Checkpoints: atomic writes, self-describing safetensors files, safe loading.
+
+A model file is ``model.safetensors`` whose metadata holds the config (``config_type`` +
+``config`` as JSON), the class names and anything else recorded. Loading never unpickles:
+safetensors for weights, ``torch.load(weights_only=True)`` for training state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from torch import nn
+
+from .config import from_dict, to_dict
+from .models import build_model, config_type
+
+MODEL_FILE = "model.safetensors"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Atomically write ``data`` as indented JSON."""
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+    return atomic_write(path, write)
+
+
+@dataclass
+class LoadedModel:
+    """A model with what it needs to be used: class names and input preprocessing."""
+
+    model: nn.Module
+    class_names: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Any:
+        return self.model.cfg
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, *, class_names: list[str] | None = None,
+               meta: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``model`` (weights + config + class names) to one safetensors file."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": "vitlab",
+        "config_type": type(model.cfg).__name__,
+        "config": json.dumps(to_dict(model.cfg)),
+        "class_names": json.dumps(class_names),
+        "meta": json.dumps(meta or {}),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """A run directory or a file -> the model file; a wrong path names what was looked for."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", MODEL_FILE, "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no model file in {path} (looked for best.safetensors, {MODEL_FILE}, last.safetensors)")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a corrupt file is a ``ValueError``."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); is it corrupted or truncated?") from err
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """``load_state_dict`` with an error that names the first mismatching key and both shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(
+                f"{source} does not fit this model: {key} has shape {tuple(value.shape)} in the {source} "
+                f"but {tuple(own[key].shape)} in the model; is it a checkpoint of another architecture?"
+            )
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not fit this model: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    model.load_state_dict(state)
+
+
+def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Load a vitlab model file or run directory: model (eval mode), class names, metadata."""
+    file = resolve_model_file(path)
+    state, metadata = read_safetensors(file)
+    if metadata.get("format") != "vitlab":
+        raise ValueError(f"{file} is not a vitlab model file (no vitlab metadata); convert it with `vitlab convert`")
+    cfg = from_dict(config_type(metadata["config_type"]), json.loads(metadata["config"]))
+    model = build_model(cfg)
+    load_state_dict_checked(model, state, source=str(file))
+    model.to(map_location).eval()
+    return LoadedModel(model, json.loads(metadata.get("class_names", "null")), json.loads(metadata.get("meta", "{}")))
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Atomically write a training state (tensors and plain Python values) with ``torch.save``."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training state safely (``weights_only=True``); a corrupt file is a ``ValueError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises several types for bad files
+        raise ValueError(f"cannot read training state {path}: {err}") from err

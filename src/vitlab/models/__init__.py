@@ -1,0 +1,93 @@
+"""The model registry: ``create_model(name)`` and ``list_models()``."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..config import replace_checked
+from .vit import VisionTransformer, vit_config
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named preset: its config and the class that builds it."""
+
+    name: str
+    config: Any
+    build: Callable[[Any], nn.Module]
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, config: Any, build: Callable[[Any], nn.Module], description: str = "") -> None:
+    """Add a preset to the registry (names are unique)."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = ModelSpec(name, config, build, description)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Names of all presets, optionally only those containing ``pattern``."""
+    return sorted(n for n in _REGISTRY if pattern in n)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; an unknown name lists the nearest valid ones."""
+    if name not in _REGISTRY:
+        near = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.4)
+        hint = f"did you mean {', '.join(near)}?" if near else "see `vitlab models`"
+        raise ValueError(f"unknown model {name!r}; {hint}")
+    return _REGISTRY[name]
+
+
+def model_config(name: str, **overrides: Any) -> Any:
+    """The preset's config with ``overrides`` applied (``None`` values are ignored)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace_checked(get_spec(name).config, **overrides)
+
+
+def create_model(name: str, *, num_classes: int | None = None, image_size: int | tuple[int, int] | None = None,
+                 **overrides: Any) -> nn.Module:
+    """Build a fresh, initialised model from a preset: ``create_model("vit_b16", num_classes=10)``."""
+    cfg = model_config(name, num_classes=num_classes, image_size=image_size, **overrides)
+    return build_model(cfg)
+
+
+def config_type(type_name: str) -> type:
+    """The config class called ``type_name`` among the registered presets."""
+    for spec in _REGISTRY.values():
+        if type(spec.config).__name__ == type_name:
+            return type(spec.config)
+    raise ValueError(f"unknown config type {type_name!r}")
+
+
+def build_model(cfg: Any) -> nn.Module:
+    """Build a model from a config object (any registered config type)."""
+    for spec in _REGISTRY.values():
+        if type(spec.config) is type(cfg):
+            return spec.build(cfg)
+    raise ValueError(f"no model is built from a {type(cfg).__name__}")
+
+
+# The paper's Table 1 at 224 px with 1000 classes.
+for _variant in ("Ti/16", "S/16", "S/32", "B/8", "B/16", "B/32", "L/16", "L/32", "H/14"):
+    _size, _patch = _variant.split("/")
+    register(f"vit_{_size.lower()}{_patch}", vit_config(_variant), VisionTransformer, f"ViT-{_variant}, paper Table 1")
+
+# Small images (CIFAR, 32 px): patch 4 gives an 8 x 8 grid of 64 patches.
+for _size in ("Mu", "Ti", "S"):
+    register(
+        f"vit_{_size.lower()}4_32px",
+        vit_config(f"{_size}/4", image_size=32, num_classes=10),
+        VisionTransformer,
+        f"ViT-{_size}/4 for 32-px images",
+    )
+
+__all__ = ["ModelSpec", "VisionTransformer", "build_model", "config_type", "create_model", "get_spec", "list_models",
+           "model_config", "register", "vit_config"]

@@ -1,0 +1,272 @@
+"""The Vision Transformer (Dosovitskiy et al., 2020), in one file.
+
+Image -> P x P patches -> linear projection -> prepend [class] -> add learned position
+embeddings -> pre-norm Transformer encoder -> final LayerNorm -> pool -> head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ViTConfig, as_pair, replace_checked
+from .posemb import resample_posemb
+
+# The paper's Table 1, plus smaller widths for small images: width, depth, mlp_dim, heads.
+VARIANTS: dict[str, dict[str, int]] = {
+    "Mu": dict(width=128, depth=6, mlp_dim=256, num_heads=4),  # micro: tests and demos
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
+
+
+def vit_config(variant: str, **overrides) -> ViTConfig:
+    """``vit_config("B/16")`` -> the ViT-B/16 config; ``overrides`` replace any field."""
+    size, patch = variant.split("/")
+    return replace_checked(ViTConfig(**VARIANTS[size], patch_size=int(patch)), **overrides)
+
+
+class PatchEmbed(nn.Module):
+    """Flatten P x P patches and project them linearly (a strided conv is the same map)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        p = cfg.patch_size
+        self.patch_size = p
+        self.in_channels = cfg.in_channels
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.width, kernel_size=p, stride=p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused SDPA, or an explicit softmax that can return weights."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.width // cfg.num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused = cfg.fused_attention
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
+        self.attn_drop = nn.Dropout(cfg.attention_dropout)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # 3 x (B, heads, N, head_dim)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit path's softmax(q k^T / sqrt(d)): (B, N, D) -> (B, heads, N, N)."""
+        q, k, _ = self._qkv(x)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        if self.fused:
+            q, k, v = self._qkv(x)
+            p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            q, k, v = self._qkv(x)
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = self.attn_drop(attn) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> dropout -> Linear -> dropout."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.act = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype)
+        return x * keep.bernoulli_(1.0 - self.rate) / (1.0 - self.rate)
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.drop(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm-style seams: ``forward_features`` -> ``pool`` -> ``forward_head``."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_prefix_tokens + cfg.num_patches, d))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.pre_logits = self._make_pre_logits(cfg)
+        self.head_drop = nn.Dropout(cfg.head_dropout)
+        self.head = nn.Linear(cfg.representation_size or d, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.init_weights()
+
+    @staticmethod
+    def _make_pre_logits(cfg: ViTConfig) -> nn.Module:
+        if not cfg.representation_size:
+            return nn.Identity()
+        return nn.Sequential(nn.Linear(cfg.width, cfg.representation_size), nn.Tanh())
+
+    @property
+    def num_features(self) -> int:
+        """Width of ``pre_logits`` (the input of the head)."""
+        return self.cfg.representation_size or self.cfg.width
+
+    def init_weights(self) -> None:
+        """The official code's initialisation (lecun-normal patches, xavier dense, zero head)."""
+        fan_in = self.patch_embed.proj.in_channels * self.cfg.patch_size**2
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1 / fan_in) / 0.87962566)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        for block in self.blocks:
+            qkv = block.attn.qkv.weight
+            bound = math.sqrt(6.0 / (qkv.shape[0] // 3 + qkv.shape[1]))  # q, k, v each D x D
+            nn.init.uniform_(qkv, -bound, bound)
+            for lin in (block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                nn.init.xavier_uniform_(lin.weight)
+            for bias in (block.attn.qkv.bias, block.attn.proj.bias):
+                if bias is not None:
+                    nn.init.zeros_(bias)
+            nn.init.normal_(block.mlp.fc1.bias, std=1e-6)
+            nn.init.normal_(block.mlp.fc2.bias, std=1e-6)
+        if isinstance(self.pre_logits, nn.Sequential):
+            lin = self.pre_logits[0]
+            nn.init.trunc_normal_(lin.weight, std=math.sqrt(1 / lin.in_features) / 0.87962566)
+            nn.init.zeros_(lin.bias)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # --- seams -------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens with position embeddings (B, prefix + N, D)."""
+        h, w = x.shape[-2:] if x.ndim == 4 else (None, None)
+        expected = as_pair(self.cfg.image_size)
+        x = self.patch_embed(x)  # validates rank, channels, divisibility
+        if (h, w) != expected:
+            raise ValueError(
+                f"expected {expected[0]}x{expected[1]} images, got {h}x{w}; "
+                f"call model.set_image_size(({h}, {w})) to resample the position embeddings"
+            )
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> encoded tokens after the final norm (B, prefix + N, D)."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + N, D) -> (B, D): the [class] token, or the mean of the patch tokens."""
+        if self.cfg.pool == "token":
+            return tokens[:, 0]
+        return tokens[:, self.cfg.num_prefix_tokens :].mean(dim=1)
+
+    def forward_head(self, pooled: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
+        """(B, D) -> pre-logits (B, R) if ``pre_logits`` else logits (B, classes)."""
+        x = self.pre_logits(pooled)
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.pool(self.forward_features(x)))
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named intermediates: stem, with_posemb, block_00.., encoded, head_input, pre_logits, logits."""
+        out: dict[str, torch.Tensor] = {"stem": self.patch_embed(x)}
+        x = self.embed(x)
+        out["with_posemb"] = x
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            out[f"block_{i:02d}"] = x
+        out["encoded"] = x = self.norm(x)
+        out["head_input"] = x = self.pool(x)
+        out["pre_logits"] = x = self.forward_head(x, pre_logits=True)
+        out["logits"] = self.head(x)
+        return out
+
+    # --- surgery -----------------------------------------------------------------------
+    def reset_head(self, num_classes: int, *, keep_pre_logits: bool = True) -> None:
+        """A fresh zero-initialised head for ``num_classes`` (0 gives an identity head)."""
+        ref = next(self.parameters())
+        if not keep_pre_logits and self.cfg.representation_size:
+            self.pre_logits = nn.Identity()
+            self.cfg = dataclasses.replace(self.cfg, representation_size=None)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+            self.head.to(device=ref.device, dtype=ref.dtype)
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+
+    def set_image_size(self, image_size: int | tuple[int, int], mode: str | None = None) -> None:
+        """Resample the position embeddings for a new input size (class token kept)."""
+        mode = mode or self.cfg.posemb_mode
+        new_cfg = replace_checked(self.cfg, image_size=image_size)
+        posemb = resample_posemb(
+            self.pos_embed.data,
+            new_cfg.grid_size,
+            num_prefix_tokens=self.cfg.num_prefix_tokens,
+            old_grid=self.cfg.grid_size,
+            mode=mode,
+        )
+        self.pos_embed = nn.Parameter(posemb)
+        self.cfg = new_cfg
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay besides biases and norms."""
+        return {"pos_embed", "cls_token"}
