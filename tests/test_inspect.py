@@ -244,7 +244,7 @@ def test_cli_writes_the_report(tmp_path, capsys):
     assert all(png_size(out / p)[0] > 100 for p in pngs)
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 5 and "<img src=\"out" not in report
-    assert "vit_mu4_32px" in report and "0.6250" in report and "20,931" in report and "32x32" in report
+    assert "vit_mu4_32px" in report and "0.6250" in report and "20,931" in report and "32x32" in report and "cat, dog, eel" in report
 
 
 def test_cli_gap_model_with_data_folder_and_errors(tmp_path, capsys):
@@ -258,6 +258,8 @@ def test_cli_gap_model_with_data_folder_and_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(ckpt), "--images", str(tmp_path / "nope.png"), "--out", str(out)]) == 2
     assert "nope.png does not exist" in capsys.readouterr().err
+    assert main(["inspect", str(ckpt), "--images", str(images), "--out", str(out), "--device", "gpu0"]) == 2
+    assert "unknown device" in capsys.readouterr().err
     assert main(["inspect", str(ckpt), "--images", str(images), "--out", str(out), "--start-layer", "3"]) == 2
     assert "start layer 3" in capsys.readouterr().err
     (tmp_path / "bad.png").write_bytes(b"not an image")

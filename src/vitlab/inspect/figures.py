@@ -66,18 +66,23 @@ def plot_attention(rgb: np.ndarray, rollout: np.ndarray | torch.Tensor, heads: n
 
 def plot_posemb_similarity(sim: torch.Tensor | np.ndarray, path: str | os.PathLike, *,
                            size: tuple[int, int] | None = None) -> Path:
-    """Grid of grids (rows, cols, rows, cols): tile (i, j) is position (i, j)'s similarity to all others."""
+    """Grid of grids (rows, cols, rows, cols): tile (i, j) is position (i, j)'s similarity to all others.
+
+    All tiles share one colour scale spanning the data's range, with a colour bar.
+    """
     sim = np.asarray(sim, dtype=np.float32)
     r, c = sim.shape[:2]
     mosaic = np.full((r * (r + 1) - 1, c * (c + 1) - 1), np.nan, dtype=np.float32)
     for i in range(r):
         for j in range(c):
             mosaic[i * (r + 1) : i * (r + 1) + r, j * (c + 1) : j * (c + 1) + c] = sim[i, j]
-    size = size or (640, 560)
+    cell_px = 3  # screen pixels per similarity value in the default size
+    size = size or (min(2000, max(640, round(mosaic.shape[1] * cell_px / 0.72))),
+                    min(1800, max(560, round(mosaic.shape[0] * cell_px / 0.8))))
     fig = _figure(size)
     ax = fig.add_axes((0.1, 0.1, 0.72, 0.8))
     cmap = colormaps["viridis"].with_extremes(bad="white")
-    im = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    im = ax.imshow(mosaic, cmap=cmap, vmin=float(sim.min()), vmax=float(sim.max()), interpolation="nearest")
     ax.set_xticks([j * (c + 1) + (c - 1) / 2 for j in range(c)], [str(j + 1) for j in range(c)], fontsize=7)
     ax.set_yticks([i * (r + 1) + (r - 1) / 2 for i in range(r)], [str(i + 1) for i in range(r)], fontsize=7)
     ax.set_xlabel("input patch column")

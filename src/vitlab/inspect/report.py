@@ -39,6 +39,9 @@ def model_card(loaded: LoadedModel, checkpoint: str | os.PathLike = "") -> dict[
         "resolution": f"{h}x{w}",
         "classes": str(getattr(cfg, "num_classes", "n/a")),
     }
+    if loaded.class_names:
+        names = loaded.class_names
+        card["class names"] = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
     for key, value in meta.items():
         if isinstance(value, (int, float, str, bool)) and key not in ("preset", "model"):
             card[key] = f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -56,6 +59,10 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str | os.
     """
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from err
     loaded = load_model(checkpoint, map_location=device)
     model, cfg = loaded.model, loaded.model.cfg
     out = Path(out)
