@@ -75,7 +75,7 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str | os.
 
     shown = []
     for i, path in enumerate(paths):
-        caption = f"{path.name}: {_prediction(logits[i], loaded.class_names)}"
+        caption = f"{path.name}: {_prediction(logits[i], loaded.class_names, cfg.num_classes)}"
         png = plot_attention(rgb[i], rollout[i], heads[i], out / f"attention_{i:03d}_{path.stem}.png", title=caption)
         shown.append((png, caption))
     sections.append((f"Attention rollout ({head_fusion} over heads, discard ratio {discard_ratio}, "
@@ -97,7 +97,7 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str | os.
                                                         f"uniform attention ({uniform:.1f} px) (paper Fig. 7 right)")]))
 
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    if isinstance(proj, torch.nn.Conv2d) and proj.weight.shape[-1] > 1:
+    if isinstance(proj, torch.nn.Conv2d) and proj.in_channels in (1, 3) and proj.weight.shape[-1] > 1:  # on pixels
         filters = embedding_filters(proj.weight)
         png = plot_embedding_filters(filters, out / "embedding_filters.png")
         sections.append(("Embedding filters", [(png, f"top {len(filters)} principal components of the patch "
@@ -106,14 +106,14 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str | os.
     card = model_card(loaded, checkpoint)
     write_json(out / "summary.json", {
         "card": card, "config": to_dict(cfg), "images": [str(p) for p in paths],
-        "predictions": [_prediction(row, loaded.class_names) for row in logits],
+        "predictions": [_prediction(row, loaded.class_names, cfg.num_classes) for row in logits],
         "mean_attention_distance": dist.tolist(), "uniform_attention_distance": uniform,
     })
     return write_report(out / "report.html", card, sections)
 
 
-def _prediction(logits: torch.Tensor, class_names: list[str] | None) -> str:
-    if logits.numel() < 2:
+def _prediction(logits: torch.Tensor, class_names: list[str] | None, num_classes: int) -> str:
+    if not num_classes:
         return "no classifier head"
     prob, idx = logits.float().softmax(-1).max(-1)
     name = class_names[idx] if class_names and idx < len(class_names) else f"class {int(idx)}"
