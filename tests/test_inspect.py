@@ -59,6 +59,24 @@ def test_captured_weights_are_the_explicit_paths_weights():
     assert not torch.allclose(maps[0], maps[1])
 
 
+def test_captured_weights_equal_timms_attention_on_the_same_weights():
+    timm = pytest.importorskip("timm")
+    model = tiny()
+    ref = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2,
+                                                           num_heads=2, mlp_ratio=2, num_classes=3).eval()
+    ref.load_state_dict(model.state_dict())
+    inner = []
+    for block in ref.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda m, args, out: inner.append(out))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), capture_attention(model) as maps:
+        torch.testing.assert_close(model(x), ref(x))
+    assert len(maps) == len(inner) == 2
+    for ours, theirs in zip(maps, inner):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
 def test_capture_with_grad_bf16_autocast_and_bf16_weights():
     model = tiny()
     x = torch.randn(2, 3, 32, 32)
