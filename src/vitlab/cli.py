@@ -6,6 +6,7 @@ import sys
 
 from .config import as_pair
 from .flops import count_flops
+from .inspect import inspect_checkpoint
 from .models import build_model, get_spec, list_models
 
 
@@ -23,6 +24,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Attention maps for the given images, the paper's Fig. 7 panels, and an HTML report."""
+    report = inspect_checkpoint(
+        args.checkpoint, args.images, args.out, data=args.data, head_fusion=args.head_fusion,
+        discard_ratio=args.discard_ratio, start_layer=args.start_layer, num_images=args.num_images,
+        device=args.device,
+    )
+    print(f"wrote {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list model presets with parameters and FLOPs")
     p.add_argument("filter", nargs="?", default="", help="only names containing this")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("inspect", help="attention maps, position-embedding similarity, attention distance, report")
+    p.add_argument("checkpoint", help="model file or run directory")
+    p.add_argument("--images", nargs="+", required=True, help="image files or folders to draw attention maps for")
+    p.add_argument("--data", help="image folder for the mean attention distance (default: the --images)")
+    p.add_argument("--out", required=True, help="output folder for the PNGs and report.html")
+    p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean", help="how rollout fuses heads")
+    p.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of the lowest weights per row")
+    p.add_argument("--start-layer", type=int, default=0, help="first layer of the rollout")
+    p.add_argument("--num-images", type=int, default=128, help="images for the mean attention distance")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 
