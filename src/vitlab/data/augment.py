@@ -102,8 +102,9 @@ def random_resized_crop(x: Tensor, size: int, scale: tuple[float, float],
     x0 = torch.where(first >= 0, (u[:, 0] * (w - cw + 1)).floor(), torch.full_like(cw, (w - side) // 2))
     y0 = torch.where(first >= 0, (u[:, 1] * (h - ch + 1)).floor(), torch.full_like(ch, (h - side) // 2))
     boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
-    out = roi_align(x.float(), boxes, output_size=size, spatial_scale=1.0, sampling_ratio=2,
-                    aligned=True)  # bilinear, averaging 2x2 samples per output pixel
+    # Bilinear; sampling_ratio=0 averages ceil(crop / size) samples per output pixel per axis,
+    # so shrinking is antialiased and a crop of exactly ``size`` pixels is copied unchanged.
+    out = roi_align(x.float(), boxes, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
