@@ -118,6 +118,20 @@ def test_cifar10_python_layout(tmp_path, protocol):
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
 
 
+def test_cifar100_python_layout(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    for name, n in (("train", 6), ("test", 4)):
+        _, fine, pixels = records(n, 2, n)
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": pixels, b"fine_labels": fine.tolist(), b"coarse_labels": [0] * n}, f, protocol=2)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f, protocol=2)
+    data = build_data(DataConfig(path=str(root)), log=lambda s: None)
+    assert data.class_names[:2] == ["c0", "c1"] and len(data.class_names) == 100
+    assert data.train.labels.tolist() == list(range(6)) and data.test.images.shape == (4, 3, 32, 32)
+
+
 class Evil:
     def __reduce__(self):
         return (exec, ("open('PWNED', 'w').close()",))
@@ -366,6 +380,8 @@ def test_resume_mid_epoch_is_bitwise_identical_in_memory():
         assert y.shape == (8, 10) and y.dtype == torch.float32
         assert torch.allclose(y.sum(1), torch.ones(8))
         assert not torch.equal(list(loader.epoch(3))[0][0], x)  # another epoch, other batches
+    with pytest.raises(ValueError, match="start_batch 6 out of range"):
+        loader.epoch(0, start_batch=6)
 
 
 def test_train_order_is_seeded_and_shards_are_disjoint():

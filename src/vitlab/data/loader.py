@@ -49,7 +49,7 @@ class _Streamed(Dataset):
         index, seed = key
         try:
             image, label = self.dataset[index]
-        except ValueError as err:  # unreadable or truncated file: skipped and reported
+        except (ValueError, OSError) as err:  # unreadable, truncated or vanished: skipped, reported
             label = int(self.dataset.labels[index]) if hasattr(self.dataset, "labels") else -1
             return None, label, str(err)
         x = to_uint8_tensor(image) if isinstance(image, Image.Image) else image
@@ -117,9 +117,8 @@ class Loader:
         idx = self.indices(epoch)
         batches = [idx[b * self.batch_size:(b + 1) * self.batch_size] for b in range(start_batch, len(self))]
         if isinstance(self.dataset, ArrayDataset):
-            yield from self._array_batches(epoch, start_batch, batches)
-        else:
-            yield from self._streamed_batches(epoch, start_batch, batches)
+            return self._array_batches(epoch, start_batch, batches)
+        return self._streamed_batches(epoch, start_batch, batches)
 
     def _array_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
         data: ArrayDataset = self.dataset  # type: ignore[assignment]
