@@ -369,7 +369,9 @@ def test_resume_mid_epoch_is_bitwise_identical_in_memory():
     for cfg in (DataConfig(randaugment_n=2, mixup=0.8, cutmix=1.0, seed=3),
                 DataConfig(crop="rrc", image_size=48, randaugment_n=1, cutmix=1.0)):
         loader = Loader(data, cfg, batch_size=8, train=True, num_classes=10)
+        state = torch.get_rng_state()
         full = list(loader.epoch(2))
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
         assert len(full) == len(loader) == 5
         tail = list(loader.epoch(2, start_batch=3))
         assert len(tail) == 2
@@ -455,7 +457,9 @@ def test_streamed_folder_skips_bad_images_and_resumes_exactly(tmp_path):
     assert batches[0][0].shape == (3, 3, 24, 24)
 
     train = Loader(data.train, cfg, batch_size=3, train=True, num_classes=2, log=lambda s: None)
+    state = torch.get_rng_state()
     full = list(train.epoch(1))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
     tail = list(train.epoch(1, start_batch=2))
     assert len(full) == 3 and len(tail) == 1
     assert torch.equal(full[2][0], tail[0][0]) and torch.equal(full[2][1], tail[0][1])

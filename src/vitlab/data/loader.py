@@ -37,26 +37,25 @@ def resolve_crop(cfg: DataConfig) -> str:
 
 
 class _Streamed(Dataset):
-    """Wraps a dataset for DataLoader workers: key ``(index, seed)`` -> uint8 image, label, error."""
+    """Wraps a dataset for DataLoader workers: key ``(index, epoch)`` -> uint8 image, label, error."""
 
-    def __init__(self, dataset: Dataset, image_size: int, augment: TrainAugment | None) -> None:
-        self.dataset, self.image_size, self.augment = dataset, image_size, augment
+    def __init__(self, dataset: Dataset, image_size: int, augment: TrainAugment | None, seed: int) -> None:
+        self.dataset, self.image_size, self.augment, self.seed = dataset, image_size, augment, seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor | None, int, str | None]:
-        index, seed = key
+        index, epoch = key
         try:
             image, label = self.dataset[index]
         except (ValueError, OSError) as err:  # unreadable, truncated or vanished: skipped, reported
-            label = int(self.dataset.labels[index]) if hasattr(self.dataset, "labels") else -1
-            return None, label, str(err)
+            return None, -1, str(err)
         x = to_uint8_tensor(image) if isinstance(image, Image.Image) else image
         if self.augment is None:
             return resize_center_crop(x, self.image_size), int(label), None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # CPU RNG only, restored afterwards
+            torch.default_generator.manual_seed(derive_seed(self.seed, epoch, index))
             return self.augment.one(x), int(label), None
 
 
@@ -106,7 +105,7 @@ class Loader:
         return order[self.rank::self.world_size][: self._share()]
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (images float32 (B, C, H, W), targets) for batches ``start_batch ..`` of ``epoch``.
+        """The batches ``start_batch ..`` of ``epoch``: (images float32 (B, C, H, W), targets).
 
         Targets are int64 (B,) class indices, or float32 (B, num_classes) soft targets when
         Mixup/CutMix are on (training only).
@@ -131,9 +130,8 @@ class Loader:
             yield self._finish(x, data.labels[idx], epoch, b)
 
     def _streamed_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
-        keys = [[(i, derive_seed(self.cfg.seed, epoch, i) if self.train else 0) for i in idx.tolist()]
-                for idx in batches]
-        loader = DataLoader(_Streamed(self.dataset, self.cfg.image_size, self.augment),
+        keys = [[(i, epoch) for i in idx.tolist()] for idx in batches]
+        loader = DataLoader(_Streamed(self.dataset, self.cfg.image_size, self.augment, self.cfg.seed),
                             batch_sampler=keys, num_workers=self.cfg.num_workers, collate_fn=_collate)
         bad = 0
         try:
