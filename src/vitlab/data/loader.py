@@ -132,7 +132,8 @@ class Loader:
     def _streamed_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
         keys = [[(i, epoch) for i in idx.tolist()] for idx in batches]
         loader = DataLoader(_Streamed(self.dataset, self.cfg.image_size, self.augment, self.cfg.seed),
-                            batch_sampler=keys, num_workers=self.cfg.num_workers, collate_fn=_collate)
+                            batch_sampler=keys, num_workers=self.cfg.num_workers, collate_fn=_collate,
+                            generator=torch.Generator())  # its own: the global RNG is not drawn from
         bad = 0
         try:
             for b, (x, y, errors) in enumerate(loader, start):
