@@ -76,6 +76,10 @@ class Loader:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        labels = getattr(dataset, "labels", None)
+        if labels is not None and len(labels) and int(labels.max()) >= num_classes:
+            raise ValueError(f"the dataset has label {int(labels.max())} but num_classes is {num_classes}; "
+                             f"pass num_classes=len(data.class_names)")
         self.dataset, self.cfg, self.batch_size, self.train = dataset, cfg, batch_size, train
         self.num_classes, self.rank, self.world_size, self.log = num_classes, rank, world_size, log
         self.drop_last = train if drop_last is None else drop_last
