@@ -54,9 +54,8 @@ class _Streamed(Dataset):
         x = to_uint8_tensor(image) if isinstance(image, Image.Image) else image
         if self.augment is None:
             return resize_center_crop(x, self.image_size), int(label), None
-        with torch.random.fork_rng(devices=[]):  # CPU RNG only, restored afterwards
-            torch.default_generator.manual_seed(derive_seed(self.seed, epoch, index))
-            return self.augment.one(x), int(label), None
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
+        return self.augment.one(x, g), int(label), None
 
 
 def _collate(items: list[tuple[Tensor | None, int, str | None]]) -> tuple[Any, Tensor, list[str]]:
