@@ -15,7 +15,7 @@ from PIL import Image
 
 from vitlab.data import (Archive, ArrayDataset, DataConfig, ImageFolderDataset, Loader, build_data,
                          eval_transform, load_image)
-from vitlab.data.augment import pad_crop, random_resized_crop, randaugment
+from vitlab.data.augment import mix, pad_crop, random_resized_crop, randaugment
 from vitlab.data.cifar import read_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -445,12 +445,26 @@ def test_batched_ops_shapes_and_determinism():
     assert not torch.equal(r, x)
 
 
+def test_mixup_and_cutmix_targets_match_the_pixels():
+    x = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])  # image 0 black, image 1 white
+    y = torch.tensor([0, 1])
+    mixed, target = mix(x, y, 3, 0.8, 0.0, np.random.default_rng(0))
+    lam = target[0, 0].item()
+    assert 0 < lam < 1 and torch.allclose(mixed[0], torch.full((3, 16, 16), 1 - lam))
+    assert torch.allclose(target, torch.tensor([[lam, 1 - lam, 0], [1 - lam, lam, 0]]))
+    for seed in range(5):
+        cut, target = mix(x, y, 3, 0.0, 1.0, np.random.default_rng(seed))
+        assert set(cut.unique().tolist()) <= {0.0, 1.0}
+        assert torch.isclose(target[0, 1], cut[0].mean())  # the share pasted from the white image
+        assert torch.allclose(target.sum(1), torch.ones(2)) and target[0, 2] == 0
+
+
 def test_streamed_folder_skips_bad_images_and_resumes_exactly(tmp_path):
     root = image_folder(tmp_path / "ds", splits=("train",), per_class=5)
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     data = build_data(DataConfig(path=str(root)), log=lambda s: None)
     messages = []
-    cfg = DataConfig(path=str(root), image_size=24, randaugment_n=2, mixup=0.5)
+    cfg = DataConfig(path=str(root), image_size=24, crop="rrc", randaugment_n=2, mixup=0.5)
     loader = Loader(data.train, cfg, batch_size=3, train=False, num_classes=2, log=messages.append)
     batches = list(loader.epoch(0))
     assert sum(len(x) for x, _ in batches) == 10  # 11 files, one unreadable
