@@ -66,7 +66,8 @@ def build_data(cfg: DataConfig, *, archives: Mapping[str, Archive] = CIFAR_ARCHI
         elif val is not None:
             log(f"val_split={cfg.val_split}: val is held out from train; {root / 'val'} is not used")
         train, val = train.subset(train_idx), train.subset(val_idx)
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in (("train", train), ("val", val), ("test", test)) if v is not None)
+    splits = (("train", train), ("val", val), ("test", test))
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits if v is not None)
     log(f"data: {source}: {len(names)} classes, {sizes}")
     return Data(train, val, test, names, source)
 
