@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .config import as_pair
+from .fewshot import FEATURE_CACHE
 from .flops import count_flops
 from .inspect import inspect_checkpoint
 from .models import build_model, get_spec, list_models
@@ -155,6 +156,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- fewshot / finetune
+
+def parse_list(text: str, cast: type, what: str) -> list:
+    """``"1,5,10"`` -> ``[1, 5, 10]``; a bad item is a ValueError naming it."""
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"cannot read {what} {text!r}; write comma-separated numbers, e.g. 1,5,10") from None
+    if not values:
+        raise ValueError(f"{what} is empty; write comma-separated numbers, e.g. 1,5,10")
+    return values
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    """Few-shot linear evaluation of frozen features: accuracy mean and std over seeds per k."""
+    from .fewshot import fewshot_checkpoint
+    from .train import resolve_device
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    report = fewshot_checkpoint(
+        args.checkpoint, args.data, shots=parse_list(args.shots, int, "--shots"), seeds=args.seeds,
+        feature=args.feature, l2=args.l2, probe=args.probe, batch_size=args.batch_size,
+        device=resolve_device(args.device), cache_dir=args.cache_dir, progress=not args.json, log=log)
+    cached = ", ".join(f"{split} {'from the cache' if n == 0 else f'{n} computed'}"
+                       for split, n in report.computed.items())
+    log(f"features: {cached}")
+    print(json.dumps(report.to_dict()) if args.json else report.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("fewshot", help="few-shot linear evaluation of frozen features (the paper's ridge)",
+                       allow_abbrev=False)
+    p.add_argument("--from", dest="checkpoint", metavar="CHECKPOINT", required=True, help="model file or run directory")
+    p.add_argument("--data", required=True, help="data with a train split and a test (or val) split")
+    p.add_argument("--shots", default="1,5,10,25", help="examples per class, comma-separated (default 1,5,10,25)")
+    p.add_argument("--seeds", type=int, default=3, help="random k-shot draws to average over (default 3)")
+    p.add_argument("--feature", default="pre_logits", help="named intermediate, e.g. pre_logits, encoded, block_05")
+    p.add_argument("--l2", type=float, default=1024.0, help="ridge regularisation (default 1024)")
+    p.add_argument("--probe", choices=["logistic"], help="also fit a logistic-regression probe on the same shots")
+    p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=FEATURE_CACHE, help=f"where extracted features are kept (default {FEATURE_CACHE})")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(func=cmd_fewshot)
     return parser
 
 
