@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -186,6 +187,63 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+# Model fields a fine-tuning run may change (the architecture is the checkpoint's).
+FINETUNE_MODEL_FIELDS = ("dropout", "attention_dropout", "drop_path", "head_dropout", "fused_attention")
+
+
+def add_finetune_options(p: argparse.ArgumentParser) -> list[str]:
+    """The training options that make sense for fine-tuning, with the ``finetune`` recipe's defaults."""
+    from .config import ViTConfig
+    from .data import DataConfig
+    from .optim import OptimConfig
+    from .options import add_options
+    from .recipes import recipe
+    from .train import DERIVED_DATA_FIELDS, TrainConfig
+
+    base = recipe("finetune")
+    names = add_options(p.add_argument_group("training (TrainConfig)"), TrainConfig, defaults=base,
+                        exclude=("model", "epochs", "time_budget", "init_from", "train_blocks"))
+    names += add_options(p.add_argument_group("optimisation (OptimConfig)"), OptimConfig, defaults=base.optim,
+                         exclude=("lr",))
+    names += add_options(p.add_argument_group("data (DataConfig)"), DataConfig, defaults=base.data,
+                         exclude=(*DERIVED_DATA_FIELDS, "path", "val_split"))
+    model_fields = [f.name for f in dataclasses.fields(ViTConfig) if f.name not in FINETUNE_MODEL_FIELDS]
+    names += add_options(p.add_argument_group("model regularisation"), ViTConfig, exclude=tuple(model_fields))
+    return names
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a checkpoint on new data: lr sweep on a minival, then the chosen lr on all of train."""
+    from .train import Interrupted, TrainingDiverged
+    from .transfer import finetune, finetune_config
+
+    if args.freeze == "backbone" and args.train_blocks not in (None, 0):
+        raise ValueError(f"--freeze backbone trains the head only, but --train-blocks {args.train_blocks} "
+                         f"trains blocks too; pass one of them")
+    train_blocks = 0 if args.freeze == "backbone" else (-1 if args.train_blocks is None else args.train_blocks)
+    overrides = {k: getattr(args, k) for k in args.config_options if hasattr(args, k)}
+    cfg = finetune_config(args.checkpoint, args.data, image_size=args.image_size, posemb_mode=args.posemb_mode,
+                          keep_pre_logits=args.keep_pre_logits, train_blocks=train_blocks, **overrides)
+    lrs = parse_list(args.lr, float, "--lr")
+    out = args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        result = finetune(cfg, out, lrs, minival=args.minival)
+    except Interrupted as err:
+        print(f"vitlab finetune: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except TrainingDiverged as err:
+        print(f"vitlab finetune: error: {err}", file=sys.stderr)
+        return 1
+    if result.sweep:
+        print(f"{'lr':>8}{'minival top-1':>16}")
+        for s in result.sweep:
+            print(f"{s['lr']:>8g}{100 * s['minival_top1']:>15.2f}%" + ("  <- chosen" if s["lr"] == result.lr else ""))
+    print(f"lr {result.lr:g} on the whole training set: {result.eval_split} top-1 {100 * result.test_top1:.2f}%, "
+          f"top-5 {100 * result.test_top5:.2f}% ({result.wall_s:.0f} s)")
+    print(f"model: {result.final_run / 'last.safetensors'}; summary: {result.out / 'finetune.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=FEATURE_CACHE, help=f"where extracted features are kept (default {FEATURE_CACHE})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=cmd_fewshot)
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on new classes at a new resolution (paper recipe)",
+                       allow_abbrev=False,
+                       description="Fine-tune as in the paper: new zero head, position embeddings resampled to "
+                                   "the new grid, SGD momentum 0.9, warm-up + cosine, batch 512. Several --lr values "
+                                   "are swept on a minival held out from train; the best is trained on all of train "
+                                   "and evaluated on test. Writes RUN/lr_<lr>/, RUN/final/ and RUN/finetune.json.")
+    p.add_argument("--from", dest="checkpoint", metavar="CHECKPOINT", required=True, help="model file or run directory")
+    p.add_argument("--data", required=True, help="the new data (train and test splits)")
+    p.add_argument("--image-size", type=int, help="fine-tuning resolution (default: the checkpoint's)")
+    p.add_argument("--out", metavar="RUN", help="output directory (default runs/finetune-<time>)")
+    p.add_argument("--lr", default="0.001,0.003,0.01,0.03",
+                   help="learning rate, or comma-separated values to sweep (default: the paper's 0.001,0.003,0.01,0.03)")
+    p.add_argument("--minival", type=float, default=0.02, help="share of train held out to choose the lr (default 0.02)")
+    p.add_argument("--freeze", choices=["backbone"], help="train the head only (a linear probe by gradient descent)")
+    p.add_argument("--train-blocks", type=int, metavar="K", help="train only the last K blocks, the final norm and the head")
+    p.add_argument("--keep-pre-logits", action="store_true", help="keep the pre-trained representation layer")
+    p.add_argument("--posemb-mode", choices=["scipy", "bilinear", "bicubic"], default="scipy",
+                   help="position-embedding resampling (default scipy: the official corner-aligned linear zoom)")
+    p.set_defaults(func=cmd_finetune, config_options=add_finetune_options(p))
     return parser
 
 

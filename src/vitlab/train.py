@@ -42,6 +42,7 @@ from .evaluate import evaluate
 from .models import build_model, get_spec
 from .optim import OptimConfig, build_optimizer, lr_at, update_ema
 from .plots import plot_curves
+from .transfer import freeze, load_pretrained
 
 CONFIG_FILE, STATE_FILE, METRICS_FILE, CURVES_FILE = "config.json", "state.pt", "metrics.jsonl", "curves.png"
 LAST_FILE, BEST_FILE = "last.safetensors", "best.safetensors"
@@ -51,7 +52,7 @@ Precision = Literal["bf16", "fp32"]
 # Data fields that follow the model (image size, normalisation) and the run (seed).
 DERIVED_DATA_FIELDS = ("image_size", "mean", "std", "seed")
 # What ``--resume`` may change: where things are, never what is computed.
-RESUME_FIELDS = ("path", "device", "threads", "num_workers", "cache_dir")
+RESUME_FIELDS = ("path", "device", "threads", "num_workers", "cache_dir", "init_from")
 
 
 # ---------------------------------------------------------------------------- the config
@@ -78,6 +79,8 @@ class TrainConfig:
     seed: int = 0  # initialisation, dropout, data order, augmentation and split
     device: str = "auto"  # "auto": cuda if available, else cpu
     threads: int = 0  # torch CPU threads; 0: torch's default
+    init_from: str = ""  # fine-tuning: a model file whose weights start the run (head and posemb adapted)
+    train_blocks: int = -1  # fine-tuning: train only the last K blocks + head (0: head only); -1: all
 
     def __post_init__(self) -> None:
         checks = [
@@ -93,6 +96,7 @@ class TrainConfig:
             (self.eval_batch_size >= 1 and self.threads >= 0 and self.seed >= 0,
              "eval_batch_size >= 1, threads >= 0 and seed >= 0"),
             ("num_classes" not in self.model_overrides, "num_classes comes from the data; do not override it"),
+            (self.train_blocks >= -1, "train_blocks must be >= 0, or -1 to train every parameter"),
         ]
         for ok, message in checks:
             if not ok:
@@ -468,7 +472,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     # -- model, EMA, optimiser
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config(num_classes=data.num_classes)
-    model = build_model(model_cfg).to(device)
+    model = build_model(model_cfg)
+    if cfg.init_from:  # fine-tuning: start from a checkpoint (a resumed run then loads its own state)
+        load_pretrained(model, cfg.init_from)
+    freeze(model, cfg.train_blocks)
+    model = model.to(device)
     # model = parallelize(model, cfg)  # DDP / FSDP slot in here, after the model is built
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay else None
     state = TrainState(model, build_optimizer(model, cfg.optim), ema)
