@@ -502,7 +502,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     total, peak = cfg.steps, cfg.optim.peak_lr(cfg.batch_size)
     warmup = cfg.optim.warmup(total)
     params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.model}: {params / 1e6:.2f}M parameters on {device} ({cfg.precision}); {total} steps "
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = f" ({trained / 1e6:.2f}M trained)" if trained < params else ""
+    log(f"{cfg.model}: {params / 1e6:.2f}M parameters{frozen} on {device} ({cfg.precision}); {total} steps "
         f"({total / steps_per_epoch:.2f} epochs) of {cfg.batch_size} images; peak lr {peak:.3g}, "
         f"{warmup} warm-up steps, {cfg.optim.schedule} decay; evaluating on {eval_split if eval_loader else 'nothing'}"
         f" every {cfg.eval_every} steps; run directory {run}")
