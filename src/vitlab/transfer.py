@@ -129,6 +129,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, lrs: list[float] | tuple[
 
     start = time.perf_counter()
     out = Path(out)
+    lrs = list(dict.fromkeys(lrs))
     if not lrs or min(lrs) <= 0:
         raise ValueError(f"learning rates must be positive, got {list(lrs)}")
     if (out / SUMMARY_FILE).exists():
