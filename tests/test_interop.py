@@ -321,3 +321,5 @@ def test_cli_convert_and_export(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "t.pth"), str(tmp_path / "t.safetensors"), "--from", "timm",
                  "--num-heads", "2", "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]) == 0
     assert vitlab.load_model(tmp_path / "t.safetensors").config.std == (0.229, 0.224, 0.225)
+    assert main(["convert", str(src), str(tmp_path / "b16.safetensors"), "--model", "vit_b16"]) == 2
+    assert "patch_embed.proj.weight (from embedding/kernel) has shape (32, 3, 8, 8)" in capsys.readouterr().err

@@ -28,7 +28,8 @@ def _read(path: Path, fmt: str | None) -> tuple[str, Any]:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if fmt == "hf" or (fmt is None and (path.is_dir() or (path.parent / "config.json").is_file())):
+    hf_file = path.name in (*hf_format.WEIGHT_FILES, *hf_format.INDEX_FILES) and (path.parent / "config.json").is_file()
+    if fmt == "hf" or (fmt is None and (path.is_dir() or hf_file)):
         return "hf", hf_format.read(path)
     if fmt in ("official", "big_vision") or (fmt is None and path.suffix == ".npz"):
         src = official.read(path, fmt)
@@ -56,12 +57,13 @@ def import_model(src: str | os.PathLike, fmt: str | None = None, *, like: ViTCon
     path = Path(src)
     fmt, source = _read(path, fmt)
     notes: list[str] = []
+    known = {**({"num_heads": like.num_heads, "image_size": like.image_size} if like else {}), **overrides}
     if fmt in ("official", "big_vision"):
-        fields = official.config_fields(source, overrides.get("image_size"))
+        fields = official.config_fields(source, known.get("image_size"))
         tensors, notes = source.tensors, source.notes
     elif fmt == "timm":
         tensors = source
-        fields = timm_format.config_fields(tensors, str(path), notes, overrides.get("num_heads"))
+        fields = timm_format.config_fields(tensors, str(path), notes, known.get("num_heads"))
     else:
         fields = hf_format.config_fields(source)
         tensors, notes = source.tensors, source.notes

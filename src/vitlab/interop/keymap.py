@@ -132,9 +132,9 @@ def import_state(entries: list[Entry], foreign: dict[str, Tensor], expected: dic
         for key, value in zip(entry.ours, entry.to_ours([foreign[k] for k in entry.theirs])):
             want = tuple(expected[key].shape)
             if tuple(value.shape) != want:
-                src = ", ".join(entry.theirs)
+                src = "" if entry.theirs == (key,) else f" (from {', '.join(entry.theirs)})"
                 raise ValueError(
-                    f"{report.source} does not fit this model: {key} (from {src}) has shape {tuple(value.shape)} "
+                    f"{report.source} does not fit this model: {key}{src} has shape {tuple(value.shape)} "
                     f"in the {report.format} checkpoint but {want} in the model; is it a checkpoint of another "
                     f"architecture?"
                 )
