@@ -14,6 +14,7 @@ from torch import nn
 import vitlab
 from vitlab.cli import main
 from vitlab.interop import export_model, export_onnx, import_model
+from vitlab.models.posemb import sincos_2d
 from vitlab.models.vit import vit_config
 
 timm = pytest.importorskip("timm")
@@ -323,3 +324,33 @@ def test_cli_convert_and_export(tmp_path, capsys):
     assert vitlab.load_model(tmp_path / "t.safetensors").config.std == (0.229, 0.224, 0.225)
     assert main(["convert", str(src), str(tmp_path / "b16.safetensors"), "--model", "vit_b16"]) == 2
     assert "patch_embed.proj.weight (from embedding/kernel) has shape (32, 3, 8, 8)" in capsys.readouterr().err
+
+
+def test_hf_sharded_folder(tmp_path):
+    transformers, config = hf_config()
+    ref = randomise(transformers.ViTForImageClassification(config))
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    model, _ = import_model(tmp_path / "hf")
+    with torch.no_grad():
+        assert max_diff(model(images()), ref(pixel_values=images()).logits) <= 1e-5
+
+
+def test_big_vision_scanned_blocks_and_sincos_posemb(tmp_path):
+    arrays = official_arrays(flavour="big_vision", cls=False)
+    np.savez(tmp_path / "plain.npz", **arrays)
+    block = "params/Transformer/encoderblock_"
+    scanned = {k: v for k, v in arrays.items() if not k.startswith(block)}
+    for k in [k for k in arrays if k.startswith(block + "0/")]:
+        scanned[k.replace("encoderblock_0/", "encoderblock/")] = np.stack([arrays[k], arrays[k.replace("encoderblock_0/", "encoderblock_1/")]])
+    np.savez(tmp_path / "scanned.npz", **scanned)
+    plain, _ = import_model(tmp_path / "plain.npz")
+    model, report = import_model(tmp_path / "scanned.npz")
+    assert any("scanned" in n for n in report.notes)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    del scanned["params/pos_embedding"]
+    np.savez(tmp_path / "sincos.npz", **scanned)
+    model, report = import_model(tmp_path / "sincos.npz", image_size=48)
+    assert model.cfg.image_size == 48 and any("sincos2d" in n for n in report.notes)
+    assert torch.equal(model.pos_embed[0], sincos_2d((6, 6), 32))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import read_safetensors, save_model
-from ..config import ViTConfig, replace_checked
+from ..config import ViTConfig, as_pair, replace_checked
 from ..models.vit import VisionTransformer
 from . import hf_format, official, timm_format
 from .files import TORCH_SUFFIXES, read_torch_weights, write_npz, write_torch_weights
@@ -44,6 +44,15 @@ def _read(path: Path, fmt: str | None) -> tuple[str, Any]:
     raise ValueError(f"cannot tell the format of {path} from its suffix; pass --from {'|'.join(FORMATS)}")
 
 
+def describe(cfg: ViTConfig) -> str:
+    """One line: the architecture and the numerics of ``cfg``."""
+    h, w = as_pair(cfg.image_size)
+    rep = f", representation {cfg.representation_size}" if cfg.representation_size else ""
+    return (f"width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}, MLP {cfg.mlp_dim}, patch {cfg.patch_size}, "
+            f"{h}x{w} px, pool {cfg.pool}{rep}, {cfg.num_classes} classes; GELU {cfg.gelu}, "
+            f"LayerNorm eps {cfg.layer_norm_eps:g}, mean {cfg.mean}, std {cfg.std}")
+
+
 def import_model(src: str | os.PathLike, fmt: str | None = None, *, like: ViTConfig | None = None,
                  **overrides: Any) -> tuple[VisionTransformer, ImportReport]:
     """A vitlab ViT (eval mode) holding the weights of a foreign checkpoint, and the import report.
@@ -73,7 +82,7 @@ def import_model(src: str | os.PathLike, fmt: str | None = None, *, like: ViTCon
         cfg = ViTConfig(**fields)
     cfg = replace_checked(cfg, **overrides)
     model = VisionTransformer(cfg)
-    report = ImportReport(fmt, str(path), notes=notes)
+    report = ImportReport(fmt, str(path), notes=notes, architecture=describe(cfg))
     if fmt in ("official", "big_vision"):
         official.fill_sincos(source, cfg)
         entries, ignore = official.key_map(cfg, fmt), (lambda key: None)

@@ -106,6 +106,7 @@ def config_fields(src: HFSource) -> dict[str, Any]:
         num_classes=classifier.shape[0] if classifier is not None else 0,
         gelu=GELU[c["hidden_act"]], layer_norm_eps=float(c["layer_norm_eps"]),
         mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))), std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
+        posemb_mode="bicubic",  # interpolate_pos_encoding
     )
 
 

@@ -100,10 +100,12 @@ class ImportReport:
     ignored: dict[str, str] = field(default_factory=dict)  # foreign key -> why it is not needed
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
+    architecture: str = ""  # a one-line summary of the imported config
 
     def __str__(self) -> str:
         lines = [f"{self.source}: {self.format} checkpoint, {self.num_tensors} tensors mapped, "
                  f"0 missing, 0 unexpected, {len(self.ignored)} ignored"]
+        lines += [f"  {self.architecture}"] if self.architecture else []
         lines += [f"  ignored {k}: {why}" for k, why in self.ignored.items()]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -14,7 +14,8 @@ second LayerNorm    ``LayerNorm_2``                       ``LayerNorm_1``
 MLP                 ``MlpBlock_3``                        ``MlpBlock_0``
 ==================  ====================================  =================================
 
-Numerics of both: ``nn.gelu`` is the tanh approximation, LayerNorm eps 1e-6, inputs in [-1, 1].
+Numerics of both: ``nn.gelu`` is the tanh approximation, LayerNorm eps 1e-6, inputs in [-1, 1],
+position embeddings resampled with ``scipy.ndimage.zoom(order=1)`` (vitlab's ``"scipy"`` mode).
 
 Extension point for the R50+ViT hybrid files (``conv_root``, ``gn_root``,
 ``block{s}/unit{u}/{conv,gn}{1,2,3}``, ``conv_proj``, ``gn_proj``, then a 1x1 ``embedding``):
@@ -132,7 +133,7 @@ def config_fields(src: NpzSource, image_size: int | tuple[int, int] | None = Non
         qkv_bias=f"{block}{names['attn']}/query/bias" in src.tensors,
         representation_size=src.tensors["pre_logits/kernel"].shape[1] if "pre_logits/kernel" in src.tensors else None,
         num_classes=src.tensors["head/bias"].shape[0] if "head/bias" in src.tensors else 0,
-        gelu="tanh", layer_norm_eps=1e-6, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        gelu="tanh", layer_norm_eps=1e-6, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), posemb_mode="scipy",
     )
     if image_size is not None:
         fields["image_size"] = image_size

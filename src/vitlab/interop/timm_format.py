@@ -71,7 +71,7 @@ def config_fields(tensors: dict[str, torch.Tensor], source: str, notes: list[str
         qkv_bias="blocks.0.attn.qkv.bias" in tensors,
         representation_size=rep.shape[0] if rep is not None else None,
         num_classes=head.shape[0] if head is not None else 0,
-        gelu="exact", layer_norm_eps=1e-6, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        gelu="exact", layer_norm_eps=1e-6, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), posemb_mode="bicubic",
     )
 
 
