@@ -354,3 +354,14 @@ def test_big_vision_scanned_blocks_and_sincos_posemb(tmp_path):
     model, report = import_model(tmp_path / "sincos.npz", image_size=48)
     assert model.cfg.image_size == 48 and any("sincos2d" in n for n in report.notes)
     assert torch.equal(model.pos_embed[0], sincos_2d((6, 6), 32))
+
+
+def test_corrupt_and_vitlab_files_get_clear_errors(tmp_path):
+    good = tmp_path / "t.pth"
+    torch.save(small_timm().state_dict(), good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        import_model(tmp_path / "cut.pth")
+    mine = vitlab.save_model(vitlab.create_model("vit_mu4_32px", depth=1), tmp_path / "mine.safetensors")
+    with pytest.raises(ValueError, match="already a vitlab model file"):
+        import_model(mine)

@@ -11,15 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import read_safetensors, save_model
+from ..checkpoint import save_model
 from ..config import ViTConfig, as_pair, replace_checked
 from ..models.vit import VisionTransformer
 from . import hf_format, official, timm_format
-from .files import TORCH_SUFFIXES, read_torch_weights, write_npz, write_torch_weights
+from .files import TORCH_SUFFIXES, read_torch_weights, safetensors_metadata, write_npz, write_torch_weights
 from .keymap import ImportReport, export_state, import_state
 
 FORMATS = ("official", "big_vision", "timm", "hf")
-NUMERICS = ("gelu", "layer_norm_eps", "mean", "std")  # what the source framework computes with
+# What the source framework computes with, kept even when ``like`` gives the architecture.
+NUMERICS = ("gelu", "layer_norm_eps", "mean", "std", "posemb_mode")
 
 
 def _read(path: Path, fmt: str | None) -> tuple[str, Any]:
@@ -35,7 +36,7 @@ def _read(path: Path, fmt: str | None) -> tuple[str, Any]:
         src = official.read(path, fmt)
         return src.flavour, src
     if fmt == "timm" or path.suffix in (*TORCH_SUFFIXES, ".safetensors"):
-        if path.suffix == ".safetensors" and read_safetensors(path)[1].get("format") == "vitlab":
+        if path.suffix == ".safetensors" and safetensors_metadata(path).get("format") == "vitlab":
             raise ValueError(f"{path} is already a vitlab model file; load it with vitlab.load_model")
         tensors = read_torch_weights(path)
         if fmt is None and any("patch_embeddings.projection" in k for k in tensors):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write, read_safetensors
@@ -27,6 +28,15 @@ def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
         raise ValueError(f"{path} is not a readable .npz file of plain arrays ({err})") from err
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); is it corrupted or truncated?") from err
 
 
 def write_npz(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
@@ -59,12 +69,14 @@ def read_torch_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return read_safetensors(path)[0]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except pickle.UnpicklingError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(
             f"refused to load {path}: it is not a plain tensor checkpoint and vitlab never executes pickled code "
             f"(torch.load weights_only=True said: {first}); re-save it as safetensors from code you trust"
         ) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"cannot read {path} ({err}); is it corrupted or truncated?") from err
     return _unwrap(obj, path)
 
 
