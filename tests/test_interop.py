@@ -122,6 +122,12 @@ def test_hf_vit_model_features_and_pooler(tmp_path):
         out = ref(pixel_values=x)
         assert max_diff(model.forward_features(x), out.last_hidden_state) <= 1e-5
         assert max_diff(model(x), out.pooler_output) <= 1e-5
+        export_model(model, tmp_path / "back")  # no head: a ViTModel whose pooler is the representation layer
+        back = transformers.ViTModel.from_pretrained(tmp_path / "back").eval()
+        again = back(pixel_values=x)
+        assert max_diff(again.pooler_output, out.pooler_output) <= 1e-5
+        assert max_diff(again.last_hidden_state, out.last_hidden_state) <= 1e-5
+    assert back.config.hidden_act == "gelu_pytorch_tanh" and back.config.layer_norm_eps == 1e-6
 
 
 # --- official and big_vision .npz ------------------------------------------------------
