@@ -239,7 +239,7 @@ def test_vitlab_model_to_official_and_back_is_exact(tmp_path):
 def test_checkpoint_of_another_architecture_names_key_and_shapes(tmp_path):
     torch.save(small_timm().state_dict(), tmp_path / "w64.pth")
     like = vit_config("Mu/8", image_size=32, width=32, depth=2, mlp_dim=128, num_heads=2, num_classes=5)
-    with pytest.raises(ValueError, match=r"cls_token .*\(1, 1, 64\) in the timm checkpoint but \(1, 1, 32\) in the model"):
+    with pytest.raises(ValueError, match=r"cls_token .*\(1, 1, 64\) in the timm checkpoint but \(1, 1, 32\) in "):
         import_model(tmp_path / "w64.pth", like=like)
     arrays = official_arrays()
     arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"] = np.zeros((32, 96), np.float32)
@@ -282,7 +282,7 @@ def test_malicious_pickle_is_refused(tmp_path, name):
     if name.startswith("hf/"):
         (path.parent / "config.json").write_text('{"model_type": "vit"}')
     with open(path, "wb") as f:
-        pickle.dump({"patch_embed.proj.weight": Payload(marker)}, f)
+        pickle.dump({"patch_embed.proj.weight": Payload(marker)}, f, protocol=2)
     with pytest.raises(ValueError, match="refused to load .*never executes pickled code"):
         import_model(path)
     assert not marker.exists()
@@ -348,7 +348,8 @@ def test_big_vision_scanned_blocks_and_sincos_posemb(tmp_path):
     block = "params/Transformer/encoderblock_"
     scanned = {k: v for k, v in arrays.items() if not k.startswith(block)}
     for k in [k for k in arrays if k.startswith(block + "0/")]:
-        scanned[k.replace("encoderblock_0/", "encoderblock/")] = np.stack([arrays[k], arrays[k.replace("encoderblock_0/", "encoderblock_1/")]])
+        second = arrays[k.replace("encoderblock_0/", "encoderblock_1/")]
+        scanned[k.replace("encoderblock_0/", "encoderblock/")] = np.stack([arrays[k], second])
     np.savez(tmp_path / "scanned.npz", **scanned)
     plain, _ = import_model(tmp_path / "plain.npz")
     model, report = import_model(tmp_path / "scanned.npz")

@@ -70,7 +70,8 @@ def read(path: str | Path) -> HFSource:
         if file is None:
             raise FileNotFoundError(f"{folder} has no weights ({', '.join(WEIGHT_FILES)})")
         tensors = read_torch_weights(file)
-    preprocessor = read_json(folder / "preprocessor_config.json") if (folder / "preprocessor_config.json").is_file() else None
+    pre_file = folder / "preprocessor_config.json"
+    preprocessor = read_json(pre_file) if pre_file.is_file() else None
     prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
     return HFSource(folder, tensors, config, preprocessor, prefix)
 

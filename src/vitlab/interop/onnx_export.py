@@ -85,7 +85,8 @@ def export_onnx(model: VisionTransformer, path: str | os.PathLike, *, dynamic_ba
     try:
         import onnxruntime  # noqa: F401
     except ImportError as err:
-        raise ValueError("checking the ONNX file needs onnxruntime: pip install onnxruntime, or skip the check") from err
+        raise ValueError("checking the ONNX file needs onnxruntime (pip install onnxruntime); "
+                         "or skip the check") from err
     inputs = [x]
     if dynamic_batch:
         inputs.append(torch.randn(batch_size + 1, cfg.in_channels, h, w))
