@@ -13,6 +13,7 @@ from typing import Any
 
 from ..checkpoint import save_model
 from ..config import ViTConfig, as_pair, replace_checked
+from ..models import build_model
 from ..models.vit import VisionTransformer
 from . import hf_format, official, timm_format
 from .files import TORCH_SUFFIXES, read_torch_weights, safetensors_metadata, write_npz, write_torch_weights
@@ -82,7 +83,7 @@ def import_model(src: str | os.PathLike, fmt: str | None = None, *, like: ViTCon
     else:
         cfg = ViTConfig(**fields)
     cfg = replace_checked(cfg, **overrides)
-    model = VisionTransformer(cfg)
+    model = build_model(cfg)
     report = ImportReport(fmt, str(path), notes=notes, architecture=describe(cfg))
     if fmt in ("official", "big_vision"):
         official.fill_sincos(source, cfg)
