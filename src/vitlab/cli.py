@@ -35,6 +35,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Import a foreign checkpoint (official / big_vision / timm / hf) into a vitlab model file."""
+    from .interop import convert
+    from .models import model_config
+
+    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("image_size", args.image_size),
+                                   ("mean", args.mean and tuple(args.mean)), ("std", args.std and tuple(args.std)))
+                 if v is not None}
+    like = model_config(args.model) if args.model else None
+    report = convert(args.src, args.dst, args.fmt, like=like, **overrides)
+    print(report)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a vitlab model file to timm (.safetensors/.pth), Hugging Face (folder), .npz or ONNX."""
+    from pathlib import Path
+
+    from .checkpoint import load_model
+    from .interop import export_model, export_onnx
+
+    loaded = load_model(args.checkpoint)
+    if Path(args.dst).suffix == ".onnx":
+        diff = export_onnx(loaded.model, args.dst, dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size,
+                           check=not args.no_check)
+        print(f"wrote {args.dst}" + ("" if args.no_check else f" (onnxruntime vs PyTorch: max abs diff {diff:.2e})"))
+        return 0
+    path = export_model(loaded.model, args.dst, args.to, class_names=loaded.class_names)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=128, help="images for the mean attention distance")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="import official/big_vision .npz, timm or Hugging Face weights")
+    p.add_argument("src", help=".npz file, timm .safetensors/.pth, or a Hugging Face folder")
+    p.add_argument("dst", help="the vitlab model file to write (.safetensors)")
+    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("--model", help="check the checkpoint against this preset's architecture")
+    p.add_argument("--num-heads", type=int, help="heads (timm state dicts do not record them)")
+    p.add_argument("--image-size", type=int, help="input size, when the checkpoint cannot tell it")
+    p.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (R G B)")
+    p.add_argument("--std", type=float, nargs=3, help="input normalisation std (R G B)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, official .npz or ONNX")
+    p.add_argument("checkpoint", help="vitlab model file or run directory")
+    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official) or .onnx")
+    p.add_argument("--to", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
+    p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
+    p.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
