@@ -92,11 +92,7 @@ class ResNetV2(nn.Module):
         super().__init__()
         self.cfg = cfg
         stem = cfg.stem_width * cfg.width_factor
-        self.stem = nn.Sequential(
-            StdConv2d(cfg.in_channels, stem, 7, 2, eps=cfg.ws_eps),
-            nn.ConstantPad2d(1, 0.0),  # the official code pads with zeros, then pools without padding
-            nn.MaxPool2d(3, stride=2),
-        )
+        self.conv_root = StdConv2d(cfg.in_channels, stem, 7, 2, eps=cfg.ws_eps)
         stages, cin = [], stem
         for i, (units, cout) in enumerate(zip(cfg.layers, cfg.widths)):
             stride = 1 if i == 0 else 2
@@ -125,14 +121,16 @@ class ResNetV2(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def _check(self, x: torch.Tensor) -> None:
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> (B, stem width, H/4, W/4): 7x7/2 conv, then 3x3/2 max-pool
+        after zero padding (the official code's order; no norm before the first unit)."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"expected images of shape (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        return F.max_pool2d(F.pad(self.conv_root(x), (1, 1, 1, 1)), 3, stride=2)
 
     # --- seams -------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> final feature map after GroupNorm + ReLU (B, F, H/32, W/32)."""
-        self._check(x)
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
@@ -151,7 +149,6 @@ class ResNetV2(nn.Module):
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named intermediates: stem, stage_0.., encoded, head_input, pre_logits, logits."""
-        self._check(x)
         out: dict[str, torch.Tensor] = {"stem": (x := self.stem(x))}
         for i, stage in enumerate(self.stages):
             out[f"stage_{i}"] = x = stage(x)
