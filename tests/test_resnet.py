@@ -89,10 +89,9 @@ def test_standardised_conv_ignores_weight_scale_and_shift():
 
 @pytest.mark.parametrize("n, k, s, pads", [(224, 7, 2, (2, 3)), (56, 3, 2, (0, 1)), (57, 3, 2, (1, 1)), (56, 1, 2, (0, 0)), (7, 3, 1, (1, 1))])
 def test_tf_same_padding(n, k, s, pads):
-    x = torch.ones(1, 1, n, n)
-    out = pad_same(x, k, s)
-    assert out.shape[-1] == n + sum(pads)
-    assert out[0, 0, 0, pads[0]] == 0 if pads[0] else out[0, 0, 0, 0] == 1
+    out = pad_same(torch.ones(1, 1, n, n), k, s)  # TF: total = (ceil(n/s) - 1) s + k - n, extra on the end
+    assert out.shape[-2:] == (n + sum(pads), n + sum(pads))
+    assert out.sum() == n * n and out[0, 0, pads[0], pads[0]] == 1
     assert F.conv2d(out, torch.ones(1, 1, k, k), stride=s).shape[-1] == -(-n // s)  # ceil(n / s)
 
 
