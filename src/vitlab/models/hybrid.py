@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HybridConfig, replace_checked
-from .resnet import StdConv2d, pad_same
+from .resnet import StdConv2d, make_stages, pad_same
 from .vit import VARIANTS, VisionTransformer
 
 
@@ -60,15 +60,8 @@ class ResNetEmbed(nn.Module):
         w = cfg.resnet_width
         self.conv_root = StdConv2d(cfg.in_channels, w, 7, 2, eps=cfg.ws_eps, same=True)
         self.gn_root = nn.GroupNorm(cfg.num_groups, w, eps=cfg.gn_eps)
-        stages, cin = [], w
-        for i, units in enumerate(cfg.resnet_layers):
-            cout = 4 * w * 2**i
-            stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*(
-                Bottleneck(cin if u == 0 else cout, cout, stride if u == 0 else 1, cfg) for u in range(units)
-            )))
-            cin = cout
-        self.stages = nn.ModuleList(stages)
+        widths = tuple(4 * w * 2**i for i in range(len(cfg.resnet_layers)))
+        self.stages = make_stages(Bottleneck, w, cfg.resnet_layers, widths, cfg)
         self.proj = nn.Conv2d(cfg.feature_channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BiTConfig, replace_checked
+from ..config import BiTConfig, HybridConfig, replace_checked
 
 # BiT presets: units per stage of R50, R101 and R152.
 DEPTHS: dict[int, tuple[int, ...]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -85,6 +85,18 @@ class PreActBottleneck(nn.Module):
         return out + shortcut
 
 
+def make_stages(unit: type[nn.Module], cin: int, layers: tuple[int, ...], widths: tuple[int, ...],
+                cfg: BiTConfig | HybridConfig) -> nn.ModuleList:
+    """Stages of ``unit(cin, cout, stride, cfg)``: stage 1 keeps the resolution, each later
+    stage halves it in its first unit; ``widths`` are the output channels of each stage."""
+    stages = []
+    for i, (units, cout) in enumerate(zip(layers, widths)):
+        stride = 1 if i == 0 else 2
+        stages.append(nn.Sequential(*(unit(cin if u == 0 else cout, cout, stride if u == 0 else 1, cfg) for u in range(units))))
+        cin = cout
+    return nn.ModuleList(stages)
+
+
 class ResNetV2(nn.Module):
     """BiT ResNet-v2 with the ViT's seams: ``forward_features`` -> ``pool`` -> ``forward_head``."""
 
@@ -93,16 +105,9 @@ class ResNetV2(nn.Module):
         self.cfg = cfg
         stem = cfg.stem_width * cfg.width_factor
         self.conv_root = StdConv2d(cfg.in_channels, stem, 7, 2, eps=cfg.ws_eps)
-        stages, cin = [], stem
-        for i, (units, cout) in enumerate(zip(cfg.layers, cfg.widths)):
-            stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*(
-                PreActBottleneck(cin if u == 0 else cout, cout, stride if u == 0 else 1, cfg) for u in range(units)
-            )))
-            cin = cout
-        self.stages = nn.ModuleList(stages)
-        self.norm = nn.GroupNorm(cfg.num_groups, cin, eps=cfg.gn_eps)
-        self.head = nn.Linear(cin, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.stages = make_stages(PreActBottleneck, stem, cfg.layers, cfg.widths, cfg)
+        self.norm = nn.GroupNorm(cfg.num_groups, self.num_features, eps=cfg.gn_eps)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.init_weights()
 
     @property
