@@ -140,6 +140,8 @@ def test_seams_and_features():
     assert torch.equal(feats["logits"], model(x))
     assert model.no_weight_decay() == set()
     assert model(torch.randn(1, 3, 40, 56)).shape == (1, 5)  # any resolution
+    model.set_image_size(384)
+    assert model.cfg.image_size == 384 and vitlab.count_flops(model) == vitlab.count_flops(model, 384)
 
 
 def test_head_is_zero_and_reset_head():

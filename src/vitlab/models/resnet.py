@@ -176,6 +176,11 @@ class ResNetV2(nn.Module):
             self.head.to(device=ref.device, dtype=ref.dtype)
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
 
+    def set_image_size(self, image_size: int | tuple[int, int], mode: str | None = None) -> None:
+        """Record a new default resolution; a ResNet has no position embeddings to resample
+        (``mode`` is the ViT's signature and unused)."""
+        self.cfg = replace_checked(self.cfg, image_size=image_size)
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms: none."""
         return set()
