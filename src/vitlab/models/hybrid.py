@@ -25,7 +25,7 @@ def hybrid_config(variant: str, resnet_layers: tuple[int, ...], **overrides) -> 
 
 
 class Bottleneck(nn.Module):
-    """Post-activation unit: relu(gn3(conv3(relu(gn2(conv2(relu(gn1(conv1(x)))))))) + shortcut)."""
+    """Post-activation unit: relu(shortcut + gn3(conv3(relu(gn2(conv2(relu(gn1(conv1(x)))))))))."""
 
     def __init__(self, cin: int, cout: int, stride: int, cfg: HybridConfig):
         super().__init__()
