@@ -101,6 +101,8 @@ def test_bad_input_and_config():
         tiny()(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="not divisible by 16"):
         vitlab.create_model("r50_vit_b16", image_size=200)
+    with pytest.raises(ValueError, match="resnet_layers"):
+        vitlab.model_config("r50_vit_b16", resnet_layers=(3, 0, 9))
 
 
 # --- numerics against timm -------------------------------------------------------------

@@ -129,6 +129,8 @@ class HybridConfig(ViTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.resnet_layers and min(self.resnet_layers) < 1:
+            raise ValueError(f"resnet_layers must hold positive unit counts (or be () for the stem alone), got {self.resnet_layers}")
         h, w = as_pair(self.image_size)
         s = self.feature_stride * self.patch_size
         if h % s or w % s:
