@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="attention maps, position-embedding similarity, attention distance, report")
     p.add_argument("checkpoint", help="model file or run directory")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders to draw attention maps for")
-    p.add_argument("--data", help="image folder for the mean attention distance (default: the --images)")
+    p.add_argument("--data", help="data set (CIFAR dir, image folder) for the mean attention distance (default: the --images)")
     p.add_argument("--out", required=True, help="output folder for the PNGs and report.html")
     p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean", help="how rollout fuses heads")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of the lowest weights per row")

@@ -38,12 +38,15 @@ def to_uint8_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def resize_center_crop(x: Tensor, size: int) -> Tensor:
-    """uint8 (..., C, H, W): resize the shorter side to ``size`` (antialiased), crop the centre."""
-    if x.shape[-2:] != (size, size):
-        if min(x.shape[-2:]) != size:
-            x = v2.functional.resize(x, size, antialias=True)
-        x = v2.functional.center_crop(x, [size, size])
+def resize_center_crop(x: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """uint8 (..., C, H, W): resize (antialiased) so the image covers ``size``, crop the centre."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if x.shape[-2:] != (h, w):
+        scale = max(h / x.shape[-2], w / x.shape[-1])
+        covered = [max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale))]
+        if covered != list(x.shape[-2:]):
+            x = v2.functional.resize(x, covered, antialias=True)
+        x = v2.functional.center_crop(x, [h, w])
     return x
 
 
@@ -54,7 +57,7 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     return x.float().mul_(scale).sub_(shift)
 
 
-def eval_transform(image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+def eval_transform(image_size: int | tuple[int, int], mean: Sequence[float] = (0.5, 0.5, 0.5),
                    std: Sequence[float] = (0.5, 0.5, 0.5)) -> Callable[[Image.Image], Tensor]:
     """The evaluation preprocessing of one image: RGB PIL -> normalised float (3, S, S)."""
     def transform(img: Image.Image) -> Tensor:
