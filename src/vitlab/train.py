@@ -449,6 +449,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
     # -- data
     data_cfg = cfg.data_config()
+    cfg = dataclasses.replace(cfg, data=data_cfg)  # config.json shows the image size and seed really used
     data = build_data(data_cfg, log=log)
     if cfg.batch_size % (cfg.accum_steps * world_size):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accum_steps x processes "
