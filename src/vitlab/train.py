@@ -345,7 +345,7 @@ def steps_for_budget(seconds: float, *, step_s: float, eval_s: float, eval_every
 
 
 def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loader: Loader | None,
-                  device: torch.device, *, warmup: int = 2, timed: int = 5) -> tuple[float, float, float]:
+                  device: torch.device, *, warmup: int = 3, timed: int = 5) -> tuple[float, float, float]:
     """Seconds per training step, per evaluation and per checkpoint, timed on a throwaway copy.
 
     The copy has its own optimiser and the RNG states are restored afterwards, so the run
