@@ -55,8 +55,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a vitlab model file to timm (.safetensors/.pth), Hugging Face (folder), .npz or ONNX."""
-    from pathlib import Path
-
     from .checkpoint import load_model
     from .interop import export_model, export_onnx
 
@@ -68,6 +66,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     path = export_model(loaded.model, args.dst, args.to, class_names=loaded.class_names)
     print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- train / eval / predict
 
 def _model_config_types() -> list[type]:
