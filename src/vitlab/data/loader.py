@@ -16,6 +16,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+Batches = Iterator[tuple[Tensor, Tensor]]
+
 from .augment import TrainAugment, mix
 from .config import DataConfig
 from .datasets import ArrayDataset
@@ -88,6 +90,9 @@ class Loader:
             randaugment_m=cfg.randaugment_m) if train else None
         self.mixing = train and (cfg.mixup > 0 or cfg.cutmix > 0)
         self.skipped: list[str] = []  # every unreadable file met, with its error
+        if train and len(self) == 0:
+            raise ValueError(f"{self._share()} training sample(s) per rank is less than one batch of "
+                             f"{batch_size}; lower the batch size or pass drop_last=False")
 
     def _share(self) -> int:
         n = len(self.dataset)  # type: ignore[arg-type]
@@ -102,12 +107,13 @@ class Loader:
         """This rank's sample indices for ``epoch`` in order (a seeded permutation when training)."""
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch)))
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch))
+            order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
         return order[self.rank::self.world_size][: self._share()]
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Batches:
         """The batches ``start_batch ..`` of ``epoch``: (images float32 (B, C, H, W), targets).
 
         Targets are int64 (B,) class indices, or float32 (B, num_classes) soft targets when
@@ -122,7 +128,7 @@ class Loader:
             return self._array_batches(epoch, start_batch, batches)
         return self._streamed_batches(epoch, start_batch, batches)
 
-    def _array_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    def _array_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Batches:
         data: ArrayDataset = self.dataset  # type: ignore[assignment]
         for b, idx in enumerate(batches, start):
             x = data.images[idx]  # uint8 (B, 3, h, w)
@@ -132,7 +138,7 @@ class Loader:
                 x = self.augment.batch(x, torch.Generator().manual_seed(self._batch_seed(epoch, b)))
             yield self._finish(x, data.labels[idx], epoch, b)
 
-    def _streamed_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    def _streamed_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Batches:
         keys = [[(i, epoch) for i in idx.tolist()] for idx in batches]
         loader = DataLoader(_Streamed(self.dataset, self.cfg.image_size, self.augment, self.cfg.seed),
                             batch_sampler=keys, num_workers=self.cfg.num_workers, collate_fn=_collate,
