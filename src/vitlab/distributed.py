@@ -1,0 +1,323 @@
+"""Distribution on PyTorch's own engine: torchrun's environment, the process group, parallelize.
+
+Every process runs the same program (``torchrun --nproc-per-node N -m vitlab train ...``).
+``init_distributed`` reads torchrun's environment and joins the process group (gloo on CPU,
+nccl on CUDA) with a timeout, so a rank that dies or hangs ends the job with an error instead
+of a hang. ``parallelize`` is applied once to a plain, built model: DDP, or FSDP2
+(``fully_shard`` per encoder block, then the root) with ``shard=True``, optionally with
+activation checkpointing per block. The model classes hold no distributed code.
+
+Checkpoints are world-size independent: ``model_state``/``optimizer_state`` return full,
+unsharded CPU tensors keyed by parameter name (without DDP's ``module.`` or the checkpoint
+wrapper's prefix) on rank 0, and ``load_model_state``/``load_optimizer_state`` put them back
+into a model of any world size or wrapping. Evaluation sums exact totals with
+``sum_across_ranks``; ``extract_features`` computes features of a dataset on all ranks and
+returns them in the dataset's order, each item exactly once.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, on CPU
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How a model is spread over the ranks; the defaults are plain data parallelism."""
+
+    shard: bool = False  # FSDP2: shard parameters, gradients and optimiser state over ranks
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    timeout_s: float = 600.0  # a collective that waits longer than this is an error
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only rank that prints, logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
+
+
+def read_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from torchrun's variables; ``(0, 0, 1)`` without them."""
+    world_size = _env_int(environ, "WORLD_SIZE", 1)
+    rank = _env_int(environ, "RANK", 0)
+    local_rank = _env_int(environ, "LOCAL_RANK", rank)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world_size} do not fit; launch with torchrun")
+    if world_size > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in environ]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world_size} but {', '.join(missing)} unset; launch with torchrun")
+    return rank, local_rank, world_size
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``"cuda"`` -> this process's GPU (``cuda:LOCAL_RANK``); ``None`` picks CUDA when present."""
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {kind!r} requested but CUDA is not available; use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs; "
+                             f"use --nproc-per-node {torch.cuda.device_count()} or less")
+        return torch.device("cuda", local_rank)
+    return torch.device(kind)
+
+
+def init_distributed(device: str | None = None, *, timeout_s: float = 600.0) -> DistEnv:
+    """Read torchrun's environment, pick the device, and join the process group if N > 1.
+
+    A collective that waits longer than ``timeout_s`` raises (gloo) or aborts the process
+    (nccl, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``); torchrun then stops the other workers
+    and exits non-zero. A single process needs no launcher and joins no group.
+    """
+    rank, local_rank, world_size = read_env()
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # tear down on a timeout
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def shutdown() -> None:
+    """Leave the process group (after a barrier, so no rank tears it down under another)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 or without a process group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only (flushed, so torchrun shows lines as they come)."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    """Wait for all ranks (nothing without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- parallelize -----------------------------------------------------------------------
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint or shard per block")
+    return blocks
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Wrap each block so its activations are recomputed in backward (state-dict keys unchanged)."""
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block)
+
+
+def broadcast_module(model: nn.Module, device: torch.device, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank, one tensor at a time."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        buf = tensor.detach().to(device)
+        dist.broadcast(buf, src)
+        tensor.data.copy_(buf)
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
+    """Apply activation checkpointing, then DDP or FSDP2 (``cfg.shard``); one process: just move.
+
+    Call once, after the model is built and before the optimiser is created (FSDP2 replaces
+    the parameters with sharded ones). Use ``unwrap`` to reach the plain model again.
+    """
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    if not env.distributed:
+        return model.to(env.device)
+    if cfg.shard:
+        broadcast_module(model, env.device)  # fully_shard keeps each rank's own initial values
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root: embeddings, final norm and head
+        return model
+    model.to(env.device)
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """Whether the next backward all-reduces gradients: False on all but the last micro-batch."""
+    if isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = sync
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (FSDP2 and checkpoint wrappers keep the model's class API)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# --- world-size independent checkpoints --------------------------------------------------
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU weights keyed by the plain model's names; empty on ranks other than 0.
+
+    Like ``state_dict()``, tensors may share storage with the live model: save or copy them.
+    """
+    return get_model_state_dict(model, options=_FULL)
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full weights (from ``model_state``) into a plain, DDP or sharded model; every rank.
+
+    Takes ownership of ``state``: its entries may be replaced or reused by the model.
+    """
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Full CPU optimiser state keyed by parameter name; empty on ranks other than 0.
+
+    Like ``state_dict()``, tensors may share storage with the live optimiser: save or copy them.
+    """
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load optimiser state from ``optimizer_state`` (any world size or sharding); every rank.
+
+    Takes ownership of ``state``: the optimiser may keep and update its tensors in place.
+    """
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# --- exact totals and ordered gathers ------------------------------------------------------
+def sum_across_ranks(values: Sequence[float] | torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Element-wise sum over ranks of per-rank totals (float64 on CPU), e.g. ``[correct, count]``.
+
+    Exact as long as each rank counts only the items it owns: pass real counts, never padding.
+    """
+    totals = torch.as_tensor(values, dtype=torch.float64).clone()
+    if env.distributed:
+        buf = totals.to(env.device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        totals = buf.cpu()
+    return totals
+
+
+def rank_indices(num_items: int, env: DistEnv) -> range:
+    """The items this rank owns: ``rank, rank + W, rank + 2W, ...`` (disjoint, no padding)."""
+    return range(env.rank, num_items, env.world_size)
+
+
+def gather_rows(local: torch.Tensor, num_items: int, env: DistEnv) -> torch.Tensor:
+    """Rows for ``rank_indices`` from every rank -> all ``num_items`` rows in order, on every rank.
+
+    ``local`` is (n_r, ...) with n_r = len(rank_indices(num_items, env)); returns (num_items, ...)
+    on CPU. Ranks with one row fewer are padded for the collective and the padding is dropped.
+    """
+    if len(local) != len(rank_indices(num_items, env)):
+        raise ValueError(f"rank {env.rank} has {len(local)} rows but owns {len(rank_indices(num_items, env))}")
+    if not env.distributed:
+        return local.cpu()
+    per_rank = -(-num_items // env.world_size)  # ceil
+    padded = local.new_zeros((per_rank, *local.shape[1:]), device=env.device)
+    padded[: len(local)] = local.to(env.device)
+    parts = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(parts, padded)
+    out = local.new_empty((num_items, *local.shape[1:]), device="cpu")
+    for r, part in enumerate(parts):
+        rows = range(r, num_items, env.world_size)
+        out[r :: env.world_size] = part[: len(rows)].cpu()
+    return out
+
+
+def extract_features(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Sequence[Any],
+    env: DistEnv,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] = torch.utils.data.default_collate,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fn`` over every image of ``dataset``, split over ranks -> (features (N, ...), labels (N,)).
+
+    ``dataset[i]`` is an image tensor or an ``(image, label)`` pair. Each rank runs ``fn``
+    (e.g. ``lambda x: model.features(x)["pre_logits"]``) on ``rank_indices``; every rank
+    returns all N rows in the dataset's order on CPU, each item exactly once. Labels are
+    ``None`` when the dataset has none.
+    """
+    from tqdm import tqdm  # progress only
+
+    indices = rank_indices(len(dataset), env)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="features", disable=not (progress and env.is_main)):
+            images, target = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+            feats.append(fn(images.to(env.device, non_blocking=True)).float().cpu())
+            if target is not None:
+                labels.append(torch.as_tensor(target).cpu())
+    if not feats:  # a rank with nothing to do still joins the gather with the right shape
+        probe = dataset[0]
+        image = probe[0] if isinstance(probe, (list, tuple)) else probe
+        with torch.inference_mode():
+            feats.append(fn(image[None].to(env.device)).float().cpu()[:0])
+        if isinstance(probe, (list, tuple)):
+            labels.append(torch.as_tensor([probe[1]])[:0])
+    features = gather_rows(torch.cat(feats), len(dataset), env)
+    return features, (gather_rows(torch.cat(labels), len(dataset), env) if labels else None)

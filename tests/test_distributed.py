@@ -1,0 +1,93 @@
+"""Distributed training on CPU with gloo: 2 processes under torchrun against 1 process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_worker as W
+from vitlab.distributed import DistEnv, gather_rows, load_model_state, load_optimizer_state, model_state, \
+    parallelize, ParallelConfig, rank_indices, read_env, sum_across_ranks
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def torchrun(args: list[str], *, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N ARGS`` on this machine (a free port on localhost)."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--monitor-interval=0.5", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run tests/dist_worker.py on 2 ranks once; its results and one-process references."""
+    out = tmp_path_factory.mktemp("dist")
+    proc = torchrun([str(Path(__file__).with_name("dist_worker.py")), str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out / "results.pt", weights_only=True)
+
+
+def single_process(steps: int, accum: int = 1):
+    """The same training in one process with the whole global batch per step."""
+    model = W.tiny_model()
+    opt = W.make_optimizer(model)
+    W.train_steps(model, opt, W.global_batches(steps), DistEnv(), accum=accum)
+    return model, opt
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_ddp_with_accumulation_equals_one_process(two_ranks):
+    assert two_ranks["ddp_type"] == "DistributedDataParallel"
+    reference, _ = single_process(W.STEPS)
+    start = W.tiny_model().state_dict()
+    assert max_diff(reference.state_dict(), start) > 1e-3  # training moved the weights
+    assert max_diff(two_ranks["ddp"], reference.state_dict()) <= 1e-5
+
+
+def test_fsdp2_sharded_with_checkpointing_equals_one_process(two_ranks):
+    reference, _ = single_process(W.STEPS)
+    numel = sum(p.numel() for p in reference.parameters())
+    assert two_ranks["fsdp_local_numel"] < 0.6 * numel  # each rank holds about half
+    assert max_diff(two_ranks["fsdp"], reference.state_dict()) <= 1e-5
+    assert max_diff(two_ranks["fsdp_resumed"], reference.state_dict()) <= 1e-5
+
+
+def test_resume_sharded_two_rank_state_in_one_process(two_ranks):
+    model, opt = W.tiny_model(), None
+    opt = W.make_optimizer(model)
+    load_model_state(model, two_ranks["fsdp_step2_model"])
+    load_optimizer_state(model, opt, two_ranks["fsdp_step2_optim"])
+    W.train_steps(model, opt, W.global_batches(W.STEPS)[2:], DistEnv(), accum=1)
+    reference, _ = single_process(W.STEPS)
+    assert max_diff(model.state_dict(), reference.state_dict()) <= 1e-5
+
+
+def test_features_in_order_once_and_exact_totals(two_ranks):
+    assert two_ranks["features"].tolist() == [[float(i)] * 3 for i in range(5)]
+    assert two_ranks["labels"].tolist() == [i % 3 for i in range(5)]
+    assert two_ranks["totals"].tolist() == [1 + 2, 20]
+
+
+def test_single_process_helpers():
+    env = DistEnv()
+    assert read_env({}) == (0, 0, 1)
+    assert read_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}) == (1, 1, 2)
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        read_env({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="RANK=2"):
+        read_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert list(rank_indices(5, DistEnv(rank=1, world_size=2))) == [1, 3]
+    assert gather_rows(torch.arange(4.0)[:, None], 4, env).flatten().tolist() == [0, 1, 2, 3]
+    assert sum_across_ranks([2, 3], env).tolist() == [2.0, 3.0]
+    model = parallelize(W.tiny_model(), ParallelConfig(activation_checkpointing=True), env)
+    assert set(model_state(model)) == set(W.tiny_model().state_dict())  # wrapper prefix hidden
