@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab import create_model
+from vitlab.data import ArrayDataset, DataConfig, Loader
 from vitlab.distributed import (
     DistEnv, ParallelConfig, extract_features, init_distributed, load_model_state, load_optimizer_state,
     model_state, optimizer_state, parallelize, set_gradient_sync, shutdown, sum_across_ranks,
@@ -83,10 +84,15 @@ def main(out: str) -> None:
     train_steps(again, opt_again, batches[2:], env, accum=1)
     results["fsdp_resumed"] = model_state(again)
 
-    # Features in dataset order, each item once (5 items over 2 ranks: 3 + 2, no padding).
-    data = [(torch.full((3, 8, 8), float(i)), i % 3) for i in range(5)]
-    feats, labels = extract_features(lambda x: x.mean(dim=(2, 3)) * (1 + env.rank * 0), data, env, batch_size=2)
-    results["features"], results["labels"] = feats, labels
+    # Features in dataset order, each item once (5 items over 2 ranks: 3 + 2, no padding),
+    # from the data pipeline's evaluation loader, which gives rank r the items r, r + 2, ...
+    data = ArrayDataset(torch.arange(5, dtype=torch.uint8)[:, None, None, None].expand(5, 3, 8, 8).clone(),
+                        torch.arange(5) % 3, ["a", "b", "c"])
+    identity = DataConfig(image_size=8, mean=(0, 0, 0), std=(1 / 255,) * 3)  # pixels stay 0..255
+    for name, subset in (("features", data), ("one_item", data.subset(torch.tensor([4])))):  # rank 1 owns none
+        loader = Loader(subset, identity, batch_size=2, train=False, num_classes=3, rank=env.rank,
+                        world_size=env.world_size)
+        results[name] = extract_features(lambda x: x.mean(dim=(2, 3)), loader.epoch(0), len(subset), env)
     results["totals"] = sum_across_ranks([env.rank + 1, 10], env)  # rank r counts r + 1 correct of 10
     if env.is_main:
         torch.save(results, f"{out}/results.pt")

@@ -73,8 +73,11 @@ def test_resume_sharded_two_rank_state_in_one_process(two_ranks):
 
 
 def test_features_in_order_once_and_exact_totals(two_ranks):
-    assert two_ranks["features"].tolist() == [[float(i)] * 3 for i in range(5)]
-    assert two_ranks["labels"].tolist() == [i % 3 for i in range(5)]
+    features, labels = two_ranks["features"]
+    assert features.tolist() == [[float(i)] * 3 for i in range(5)]
+    assert labels.tolist() == [i % 3 for i in range(5)]
+    features, labels = two_ranks["one_item"]
+    assert features.tolist() == [[4.0] * 3] and labels.tolist() == [1]
     assert two_ranks["totals"].tolist() == [1 + 2, 20]
 
 

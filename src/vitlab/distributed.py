@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,64 +260,54 @@ def rank_indices(num_items: int, env: DistEnv) -> range:
     return range(env.rank, num_items, env.world_size)
 
 
-def gather_rows(local: torch.Tensor, num_items: int, env: DistEnv) -> torch.Tensor:
+def gather_rows(local: torch.Tensor | None, num_items: int, env: DistEnv) -> torch.Tensor:
     """Rows for ``rank_indices`` from every rank -> all ``num_items`` rows in order, on every rank.
 
-    ``local`` is (n_r, ...) with n_r = len(rank_indices(num_items, env)); returns (num_items, ...)
-    on CPU. Ranks with one row fewer are padded for the collective and the padding is dropped.
+    ``local`` is (n_r, ...) with n_r = len(rank_indices(num_items, env)) (``None`` if n_r = 0);
+    returns (num_items, ...) on CPU. Shorter shares are padded for the collective only.
     """
-    if len(local) != len(rank_indices(num_items, env)):
-        raise ValueError(f"rank {env.rank} has {len(local)} rows but owns {len(rank_indices(num_items, env))}")
+    owned = len(rank_indices(num_items, env))
+    if (0 if local is None else len(local)) != owned:
+        raise ValueError(f"rank {env.rank} has {0 if local is None else len(local)} rows but owns {owned} "
+                         f"of {num_items} items; were items skipped or batches dropped?")
     if not env.distributed:
-        return local.cpu()
-    per_rank = -(-num_items // env.world_size)  # ceil
-    padded = local.new_zeros((per_rank, *local.shape[1:]), device=env.device)
-    padded[: len(local)] = local.to(env.device)
+        return local.cpu() if local is not None else torch.empty(0)
+    shapes: list[Any] = [None] * env.world_size  # a rank that owns nothing learns the row shape
+    dist.all_gather_object(shapes, None if local is None else (tuple(local.shape[1:]), local.dtype))
+    row_shape, dtype = next(s for s in shapes if s is not None)
+    padded = torch.zeros((-(-num_items // env.world_size), *row_shape), dtype=dtype, device=env.device)
+    if local is not None:
+        padded[:owned] = local.to(env.device)
     parts = [torch.empty_like(padded) for _ in range(env.world_size)]
     dist.all_gather(parts, padded)
-    out = local.new_empty((num_items, *local.shape[1:]), device="cpu")
+    out = torch.empty((num_items, *row_shape), dtype=dtype)
     for r, part in enumerate(parts):
-        rows = range(r, num_items, env.world_size)
-        out[r :: env.world_size] = part[: len(rows)].cpu()
+        out[r :: env.world_size] = part[: len(range(r, num_items, env.world_size))].cpu()
     return out
 
 
 def extract_features(
     fn: Callable[[torch.Tensor], torch.Tensor],
-    dataset: Sequence[Any],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_items: int,
     env: DistEnv,
     *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    collate_fn: Callable[[list[Any]], Any] = torch.utils.data.default_collate,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``fn`` over every image of ``dataset``, split over ranks -> (features (N, ...), labels (N,)).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` over this rank's batches, gathered -> (features (N, ...), labels (N,)) in dataset order.
 
-    ``dataset[i]`` is an image tensor or an ``(image, label)`` pair. Each rank runs ``fn``
-    (e.g. ``lambda x: model.features(x)["pre_logits"]``) on ``rank_indices``; every rank
-    returns all N rows in the dataset's order on CPU, each item exactly once. Labels are
-    ``None`` when the dataset has none.
+    ``batches`` must hold this rank's items ``rank_indices(num_items, env)`` in order, as
+    ``Loader(dataset, cfg, train=False, rank=env.rank, world_size=env.world_size, ...).epoch(0)``
+    yields them. ``fn`` is e.g. ``lambda x: model.features(x)["pre_logits"]``. Every rank
+    returns all N rows on CPU, each item exactly once (no padding duplicates).
     """
     from tqdm import tqdm  # progress only
 
-    indices = rank_indices(len(dataset), env)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="features", disable=not (progress and env.is_main)):
-            images, target = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+        for images, target in tqdm(batches, desc="features", disable=not (progress and env.is_main)):
             feats.append(fn(images.to(env.device, non_blocking=True)).float().cpu())
-            if target is not None:
-                labels.append(torch.as_tensor(target).cpu())
-    if not feats:  # a rank with nothing to do still joins the gather with the right shape
-        probe = dataset[0]
-        image = probe[0] if isinstance(probe, (list, tuple)) else probe
-        with torch.inference_mode():
-            feats.append(fn(image[None].to(env.device)).float().cpu()[:0])
-        if isinstance(probe, (list, tuple)):
-            labels.append(torch.as_tensor([probe[1]])[:0])
-    features = gather_rows(torch.cat(feats), len(dataset), env)
-    return features, (gather_rows(torch.cat(labels), len(dataset), env) if labels else None)
+            labels.append(target.cpu())
+    features = gather_rows(torch.cat(feats) if feats else None, num_items, env)
+    return features, gather_rows(torch.cat(labels) if labels else None, num_items, env)
