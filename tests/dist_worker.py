@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -106,5 +107,14 @@ def results_all_ranks(state, env: DistEnv):
     return holder[0]
 
 
+def hang() -> None:
+    """Rank 1 stops taking part (alive, silent); rank 0's next collective must time out."""
+    env = init_distributed("cpu", timeout_s=3)
+    torch.distributed.barrier()
+    if env.rank == 1:
+        time.sleep(300)
+    torch.distributed.all_reduce(torch.ones(1))  # rank 0: raises after about 3 s
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    hang() if sys.argv[1] == "hang" else main(sys.argv[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,14 @@ def test_features_in_order_once_and_exact_totals(two_ranks):
     features, labels = two_ranks["one_item"]
     assert features.tolist() == [[4.0] * 3] and labels.tolist() == [1]
     assert two_ranks["totals"].tolist() == [1 + 2, 20]
+
+
+def test_hung_rank_ends_the_job_with_an_error_within_the_timeout():
+    start = time.monotonic()
+    proc = torchrun([str(Path(__file__).with_name("dist_worker.py")), "hang"])
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 90  # timeout 3 s + start-up on a loaded machine; never 300 s
+    assert "timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower(), proc.stderr[-2000:]
 
 
 def test_single_process_helpers():
