@@ -15,7 +15,7 @@ from PIL import Image
 
 from vitlab.data import (Archive, ArrayDataset, DataConfig, ImageFolderDataset, Loader, build_data,
                          eval_transform, load_image)
-from vitlab.data.augment import pad_crop, random_resized_crop, randaugment
+from vitlab.data.augment import mix, pad_crop, random_resized_crop, randaugment
 from vitlab.data.cifar import read_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +116,20 @@ def test_cifar10_python_layout(tmp_path, protocol):
     b = build_data(DataConfig(path=str(binary)), log=lambda s: None)
     assert a.class_names == NAMES10
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
+
+
+def test_cifar100_python_layout(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    for name, n in (("train", 6), ("test", 4)):
+        _, fine, pixels = records(n, 2, n)
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": pixels, b"fine_labels": fine.tolist(), b"coarse_labels": [0] * n}, f, protocol=2)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f, protocol=2)
+    data = build_data(DataConfig(path=str(root)), log=lambda s: None)
+    assert data.class_names[:2] == ["c0", "c1"] and len(data.class_names) == 100
+    assert data.train.labels.tolist() == list(range(6)) and data.test.images.shape == (4, 3, 32, 32)
 
 
 class Evil:
@@ -355,7 +369,9 @@ def test_resume_mid_epoch_is_bitwise_identical_in_memory():
     for cfg in (DataConfig(randaugment_n=2, mixup=0.8, cutmix=1.0, seed=3),
                 DataConfig(crop="rrc", image_size=48, randaugment_n=1, cutmix=1.0)):
         loader = Loader(data, cfg, batch_size=8, train=True, num_classes=10)
+        state = torch.get_rng_state()
         full = list(loader.epoch(2))
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
         assert len(full) == len(loader) == 5
         tail = list(loader.epoch(2, start_batch=3))
         assert len(tail) == 2
@@ -366,6 +382,10 @@ def test_resume_mid_epoch_is_bitwise_identical_in_memory():
         assert y.shape == (8, 10) and y.dtype == torch.float32
         assert torch.allclose(y.sum(1), torch.ones(8))
         assert not torch.equal(list(loader.epoch(3))[0][0], x)  # another epoch, other batches
+    with pytest.raises(ValueError, match="start_batch 6 out of range"):
+        loader.epoch(0, start_batch=6)
+    with pytest.raises(ValueError, match="label 9 but num_classes is 5"):
+        Loader(data, DataConfig(), batch_size=8, train=True, num_classes=5)
 
 
 def test_train_order_is_seeded_and_shards_are_disjoint():
@@ -425,12 +445,26 @@ def test_batched_ops_shapes_and_determinism():
     assert not torch.equal(r, x)
 
 
+def test_mixup_and_cutmix_targets_match_the_pixels():
+    x = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])  # image 0 black, image 1 white
+    y = torch.tensor([0, 1])
+    mixed, target = mix(x, y, 3, 0.8, 0.0, np.random.default_rng(0))
+    lam = target[0, 0].item()
+    assert 0 < lam < 1 and torch.allclose(mixed[0], torch.full((3, 16, 16), 1 - lam))
+    assert torch.allclose(target, torch.tensor([[lam, 1 - lam, 0], [1 - lam, lam, 0]]))
+    for seed in range(5):
+        cut, target = mix(x, y, 3, 0.0, 1.0, np.random.default_rng(seed))
+        assert set(cut.unique().tolist()) <= {0.0, 1.0}
+        assert torch.isclose(target[0, 1], cut[0].mean())  # the share pasted from the white image
+        assert torch.allclose(target.sum(1), torch.ones(2)) and target[0, 2] == 0
+
+
 def test_streamed_folder_skips_bad_images_and_resumes_exactly(tmp_path):
     root = image_folder(tmp_path / "ds", splits=("train",), per_class=5)
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     data = build_data(DataConfig(path=str(root)), log=lambda s: None)
     messages = []
-    cfg = DataConfig(path=str(root), image_size=24, randaugment_n=2, mixup=0.5)
+    cfg = DataConfig(path=str(root), image_size=24, crop="rrc", randaugment_n=2, mixup=0.5)
     loader = Loader(data.train, cfg, batch_size=3, train=False, num_classes=2, log=messages.append)
     batches = list(loader.epoch(0))
     assert sum(len(x) for x, _ in batches) == 10  # 11 files, one unreadable
@@ -439,7 +473,9 @@ def test_streamed_folder_skips_bad_images_and_resumes_exactly(tmp_path):
     assert batches[0][0].shape == (3, 3, 24, 24)
 
     train = Loader(data.train, cfg, batch_size=3, train=True, num_classes=2, log=lambda s: None)
+    state = torch.get_rng_state()
     full = list(train.epoch(1))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
     tail = list(train.epoch(1, start_batch=2))
     assert len(full) == 3 and len(tail) == 1
     assert torch.equal(full[2][0], tail[0][0]) and torch.equal(full[2][1], tail[0][1])

@@ -1,8 +1,8 @@
 """Training augmentation.
 
-Batched ops on uint8 images (B, 3, H, W) for in-memory sets, one-sample ops for streamed
-folders (same meaning), and batch-level Mixup / CutMix producing soft targets. All
-randomness comes from the generator passed in, so a batch is a function of its seed.
+Batched ops on uint8 images (B, 3, H, W), used for in-memory sets and (one image at a time)
+for streamed folders, and batch-level Mixup / CutMix producing soft targets. All randomness
+comes from the generator passed in, so a batch is a function of its seed.
 """
 from __future__ import annotations
 
@@ -34,32 +34,28 @@ class TrainAugment:
     randaugment_m: int
 
     def batch(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """uint8 (B, 3, h, w) -> uint8 (B, 3, S, S), vectorised over the batch except RandAugment."""
+        """uint8 (B, 3, h, w) -> uint8 (B, 3, S, S), each image with its own random draws."""
         if self.crop == "rrc":
             x = random_resized_crop(x, self.image_size, self.rrc_scale, g)
         else:
             x = resize_center_crop(x, self.image_size)
             if self.crop == "pad":
                 x = pad_crop(x, self.crop_padding, g)
+        return self._flip_randaugment(x, g)
+
+    def one(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """uint8 (3, h, w) -> uint8 (3, S, S): ``batch`` for one (large) image, cropped before resizing."""
+        if self.crop != "rrc":
+            return self.batch(x[None], g)[0]
+        x0, y0, cw, ch = (int(v) for v in rrc_boxes(1, *x.shape[-2:], self.rrc_scale, g)[0])
+        x = v2.functional.resized_crop(x, y0, x0, ch, cw, [self.image_size] * 2, antialias=True)
+        return self._flip_randaugment(x[None], g)[0]
+
+    def _flip_randaugment(self, x: Tensor, g: torch.Generator) -> Tensor:
         if self.hflip:
             x = random_hflip(x, g)
         if self.randaugment_n:
             x = randaugment(x, self.randaugment_n, self.randaugment_m, g)
-        return x
-
-    def one(self, x: Tensor) -> Tensor:
-        """uint8 (3, h, w) -> uint8 (3, S, S) with torch's global RNG (seeded by the caller)."""
-        if self.crop == "rrc":
-            x = v2.RandomResizedCrop(self.image_size, scale=self.rrc_scale, ratio=RATIO,
-                                     antialias=True)(x)
-        else:
-            x = resize_center_crop(x, self.image_size)
-            if self.crop == "pad":
-                x = v2.RandomCrop(self.image_size, padding=self.crop_padding)(x)
-        if self.hflip:
-            x = v2.RandomHorizontalFlip()(x)
-        if self.randaugment_n:
-            x = v2.RandAugment(self.randaugment_n, self.randaugment_m)(x)
         return x
 
 
@@ -81,26 +77,34 @@ def random_hflip(x: Tensor, g: torch.Generator) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def random_resized_crop(x: Tensor, size: int, scale: tuple[float, float],
-                        g: torch.Generator) -> Tensor:
-    """Inception-style crop per image (area in ``scale``, aspect in 3/4..4/3), resized to ``size``."""
-    b, _, h, w = x.shape
+def rrc_boxes(b: int, h: int, w: int, scale: tuple[float, float], g: torch.Generator) -> Tensor:
+    """Inception-style crop boxes (x0, y0, width, height), float (B, 4), for (H, W) images.
+
+    Area is uniform in ``scale`` of the image, log aspect ratio uniform in 3/4..4/3; the first
+    of 10 draws that fits is used, else the centre square.
+    """
     tries = 10
     area = h * w * torch.empty(b, tries).uniform_(scale[0], scale[1], generator=g)
-    log_r = torch.empty(b, tries).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=g)
-    ratio = torch.exp(log_r)
+    ratio = torch.exp(torch.empty(b, tries).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=g))
     cw = torch.sqrt(area * ratio).round()
     ch = torch.sqrt(area / ratio).round()
     ok = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
-    first = torch.where(ok.any(1), ok.float().argmax(1), -1)  # first valid try, or -1
-    pick = first.clamp(min=0)[:, None]
-    cw, ch = cw.gather(1, pick)[:, 0], ch.gather(1, pick)[:, 0]
-    side = min(h, w)  # fallback: the centre square
-    cw = torch.where(first >= 0, cw, torch.full_like(cw, side))
-    ch = torch.where(first >= 0, ch, torch.full_like(ch, side))
+    found = ok.any(1)
+    pick = ok.float().argmax(1, keepdim=True)  # the first draw that fits
+    side = float(min(h, w))
+    cw = torch.where(found, cw.gather(1, pick)[:, 0], side)
+    ch = torch.where(found, ch.gather(1, pick)[:, 0], side)
     u = torch.rand(b, 2, generator=g)
-    x0 = torch.where(first >= 0, (u[:, 0] * (w - cw + 1)).floor(), torch.full_like(cw, (w - side) // 2))
-    y0 = torch.where(first >= 0, (u[:, 1] * (h - ch + 1)).floor(), torch.full_like(ch, (h - side) // 2))
+    x0 = torch.where(found, (u[:, 0] * (w - cw + 1)).floor(), float((w - min(h, w)) // 2))
+    y0 = torch.where(found, (u[:, 1] * (h - ch + 1)).floor(), float((h - min(h, w)) // 2))
+    return torch.stack([x0, y0, cw, ch], 1)
+
+
+def random_resized_crop(x: Tensor, size: int, scale: tuple[float, float],
+                        g: torch.Generator) -> Tensor:
+    """A random inception-style crop of each image (see ``rrc_boxes``) resized to ``size``."""
+    b, _, h, w = x.shape
+    x0, y0, cw, ch = rrc_boxes(b, h, w, scale, g).unbind(1)
     boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
     # Bilinear; sampling_ratio=0 averages ceil(crop / size) samples per output pixel per axis,
     # so shrinking is antialiased and a crop of exactly ``size`` pixels is copied unchanged.

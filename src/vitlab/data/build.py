@@ -61,11 +61,13 @@ def build_data(cfg: DataConfig, *, archives: Mapping[str, Archive] = CIFAR_ARCHI
         train, val, test, names, source = _folder_splits(root, log)
     if cfg.val_split > 0:
         train_idx, val_idx = stratified_split(train.labels, cfg.val_split, cfg.seed, names)
-        if val is not None:
-            log(f"val_split={cfg.val_split}: holding out part of train as val; {root}/val is used as test")
-            test = test or val
+        if val is not None and test is val:
+            log(f"val_split={cfg.val_split}: val is held out from train; {root / 'val'} serves as test")
+        elif val is not None:
+            log(f"val_split={cfg.val_split}: val is held out from train; {root / 'val'} is not used")
         train, val = train.subset(train_idx), train.subset(val_idx)
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in (("train", train), ("val", val), ("test", test)) if v is not None)
+    splits = (("train", train), ("val", val), ("test", test))
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits if v is not None)
     log(f"data: {source}: {len(names)} classes, {sizes}")
     return Data(train, val, test, names, source)
 

@@ -94,7 +94,11 @@ def ensure_archive(name: str, cache_dir: str | os.PathLike, *,
             raise _fail(archive, f"cannot extract the archive ({err})") from err
         if not (work / "x" / archive.folder).is_dir():
             raise _fail(archive, f"the archive has no folder {archive.folder}/")
-        os.replace(work / "x" / archive.folder, target)  # atomic: the folder appears whole
+        try:
+            os.replace(work / "x" / archive.folder, target)  # atomic: the folder appears whole
+        except OSError:
+            if not target.is_dir():  # else another process (rank) finished first: use its copy
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -24,7 +24,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)
-            if img.mode in ("P", "PA", "LA", "La", "I;16") or "transparency" in img.info:
+            if img.mode in ("P", "PA", "LA", "La") or "transparency" in img.info:
                 img = img.convert("RGBA")  # palette / alpha: go through RGBA, then drop alpha
             return img.convert("RGB")
     except FileNotFoundError:

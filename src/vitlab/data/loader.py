@@ -16,6 +16,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+Batches = Iterator[tuple[Tensor, Tensor]]
+
 from .augment import TrainAugment, mix
 from .config import DataConfig
 from .datasets import ArrayDataset
@@ -37,27 +39,25 @@ def resolve_crop(cfg: DataConfig) -> str:
 
 
 class _Streamed(Dataset):
-    """Wraps a dataset for DataLoader workers: key ``(index, seed)`` -> uint8 image, label, error."""
+    """Wraps a dataset for DataLoader workers: key ``(index, epoch)`` -> uint8 image, label, error."""
 
-    def __init__(self, dataset: Dataset, image_size: int, augment: TrainAugment | None) -> None:
-        self.dataset, self.image_size, self.augment = dataset, image_size, augment
+    def __init__(self, dataset: Dataset, image_size: int, augment: TrainAugment | None, seed: int) -> None:
+        self.dataset, self.image_size, self.augment, self.seed = dataset, image_size, augment, seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor | None, int, str | None]:
-        index, seed = key
+        index, epoch = key
         try:
             image, label = self.dataset[index]
-        except ValueError as err:  # unreadable or truncated file: skipped and reported
-            label = int(self.dataset.labels[index]) if hasattr(self.dataset, "labels") else -1
-            return None, label, str(err)
+        except (ValueError, OSError) as err:  # unreadable, truncated or vanished: skipped, reported
+            return None, -1, str(err)
         x = to_uint8_tensor(image) if isinstance(image, Image.Image) else image
         if self.augment is None:
             return resize_center_crop(x, self.image_size), int(label), None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.augment.one(x), int(label), None
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
+        return self.augment.one(x, g), int(label), None
 
 
 def _collate(items: list[tuple[Tensor | None, int, str | None]]) -> tuple[Any, Tensor, list[str]]:
@@ -77,6 +77,10 @@ class Loader:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        labels = getattr(dataset, "labels", None)
+        if labels is not None and len(labels) and int(labels.max()) >= num_classes:
+            raise ValueError(f"the dataset has label {int(labels.max())} but num_classes is {num_classes}; "
+                             f"pass num_classes=len(data.class_names)")
         self.dataset, self.cfg, self.batch_size, self.train = dataset, cfg, batch_size, train
         self.num_classes, self.rank, self.world_size, self.log = num_classes, rank, world_size, log
         self.drop_last = train if drop_last is None else drop_last
@@ -100,13 +104,14 @@ class Loader:
         """This rank's sample indices for ``epoch`` in order (a seeded permutation when training)."""
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch)))
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch))
+            order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
         return order[self.rank::self.world_size][: self._share()]
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (images float32 (B, C, H, W), targets) for batches ``start_batch ..`` of ``epoch``.
+    def epoch(self, epoch: int, start_batch: int = 0) -> Batches:
+        """The batches ``start_batch ..`` of ``epoch``: (images float32 (B, C, H, W), targets).
 
         Targets are int64 (B,) class indices, or float32 (B, num_classes) soft targets when
         Mixup/CutMix are on (training only).
@@ -117,11 +122,10 @@ class Loader:
         idx = self.indices(epoch)
         batches = [idx[b * self.batch_size:(b + 1) * self.batch_size] for b in range(start_batch, len(self))]
         if isinstance(self.dataset, ArrayDataset):
-            yield from self._array_batches(epoch, start_batch, batches)
-        else:
-            yield from self._streamed_batches(epoch, start_batch, batches)
+            return self._array_batches(epoch, start_batch, batches)
+        return self._streamed_batches(epoch, start_batch, batches)
 
-    def _array_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    def _array_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Batches:
         data: ArrayDataset = self.dataset  # type: ignore[assignment]
         for b, idx in enumerate(batches, start):
             x = data.images[idx]  # uint8 (B, 3, h, w)
@@ -131,11 +135,11 @@ class Loader:
                 x = self.augment.batch(x, torch.Generator().manual_seed(self._batch_seed(epoch, b)))
             yield self._finish(x, data.labels[idx], epoch, b)
 
-    def _streamed_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
-        keys = [[(i, derive_seed(self.cfg.seed, epoch, i) if self.train else 0) for i in idx.tolist()]
-                for idx in batches]
-        loader = DataLoader(_Streamed(self.dataset, self.cfg.image_size, self.augment),
-                            batch_sampler=keys, num_workers=self.cfg.num_workers, collate_fn=_collate)
+    def _streamed_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Batches:
+        keys = [[(i, epoch) for i in idx.tolist()] for idx in batches]
+        loader = DataLoader(_Streamed(self.dataset, self.cfg.image_size, self.augment, self.cfg.seed),
+                            batch_sampler=keys, num_workers=self.cfg.num_workers, collate_fn=_collate,
+                            generator=torch.Generator())  # its own: the global RNG is not drawn from
         bad = 0
         try:
             for b, (x, y, errors) in enumerate(loader, start):
