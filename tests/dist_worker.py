@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from vitlab import create_model
 from vitlab.data import ArrayDataset, DataConfig, Loader
 from vitlab.distributed import (
-    DistEnv, ParallelConfig, extract_features, init_distributed, load_model_state, load_optimizer_state,
+    DistEnv, broadcast_object, extract_features, init_distributed, load_model_state, load_optimizer_state,
     model_state, optimizer_state, parallelize, set_gradient_sync, shutdown, sum_across_ranks,
 )
 
@@ -61,13 +61,14 @@ def main(out: str) -> None:
     results = {}
     batches = global_batches(STEPS)
 
-    ddp = parallelize(tiny_model(), ParallelConfig(), env)
+    ddp = parallelize(tiny_model(), env)
     opt = make_optimizer(ddp)
     train_steps(ddp, opt, batches, env, accum=2)
     results["ddp"] = model_state(ddp)
     results["ddp_type"] = type(ddp).__name__
+    results["ema_type"] = type(parallelize(tiny_model().requires_grad_(False), env)).__name__  # no DDP
 
-    fsdp = parallelize(tiny_model(), ParallelConfig(shard=True, activation_checkpointing=True), env)
+    fsdp = parallelize(tiny_model(), env, shard=True, activation_checkpointing=True)
     opt = make_optimizer(fsdp)
     train_steps(fsdp, opt, batches[:2], env, accum=1)
     # Like state_dict(), these may share storage with the live state: copy before training on.
@@ -78,7 +79,7 @@ def main(out: str) -> None:
     results["fsdp"] = model_state(fsdp)
 
     # A fresh sharded model resumes from the full state (as every rank does from a checkpoint).
-    again = parallelize(tiny_model(), ParallelConfig(shard=True), env)
+    again = parallelize(tiny_model(), env, shard=True)
     opt_again = make_optimizer(again)
     load_model_state(again, results_all_ranks(results["fsdp_step2_model"], env))
     load_optimizer_state(again, opt_again, results_all_ranks(results["fsdp_step2_optim"], env))
@@ -102,9 +103,7 @@ def main(out: str) -> None:
 
 def results_all_ranks(state, env: DistEnv):
     """Rank 0 holds the full state; give every rank a copy (a checkpoint file does this)."""
-    holder = [copy.deepcopy(state)]  # loading takes ownership of the tensors it is given
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
+    return broadcast_object(copy.deepcopy(state), env)  # loading takes ownership of the tensors
 
 
 def hang() -> None:

@@ -12,7 +12,7 @@ import torch
 
 import dist_worker as W
 from vitlab.distributed import DistEnv, gather_rows, load_model_state, load_optimizer_state, model_state, \
-    parallelize, ParallelConfig, rank_indices, read_env, sum_across_ranks
+    parallelize, rank_indices, read_env, sum_across_ranks
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -49,6 +49,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 def test_ddp_with_accumulation_equals_one_process(two_ranks):
     assert two_ranks["ddp_type"] == "DistributedDataParallel"
+    assert two_ranks["ema_type"] == "VisionTransformer"
     reference, _ = single_process(W.STEPS)
     start = W.tiny_model().state_dict()
     assert max_diff(reference.state_dict(), start) > 1e-3  # training moved the weights
@@ -101,5 +102,11 @@ def test_single_process_helpers():
     assert list(rank_indices(5, DistEnv(rank=1, world_size=2))) == [1, 3]
     assert gather_rows(torch.arange(4.0)[:, None], 4, env).flatten().tolist() == [0, 1, 2, 3]
     assert sum_across_ranks([2, 3], env).tolist() == [2.0, 3.0]
-    model = parallelize(W.tiny_model(), ParallelConfig(activation_checkpointing=True), env)
+    model = parallelize(W.tiny_model(), env, activation_checkpointing=True)
     assert set(model_state(model)) == set(W.tiny_model().state_dict())  # wrapper prefix hidden
+    state = W.tiny_model().state_dict()
+    state["head.weight"] = state["head.weight"][:3]
+    with pytest.raises(ValueError, match=r"head.weight has shape \(3, 16\)"):
+        load_model_state(model, state)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_model_state(model, {})

@@ -40,15 +40,6 @@ from torch.nn.parallel import DistributedDataParallel
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, on CPU
 
 
-@dataclass(frozen=True, kw_only=True)
-class ParallelConfig:
-    """How a model is spread over the ranks; the defaults are plain data parallelism."""
-
-    shard: bool = False  # FSDP2: shard parameters, gradients and optimiser state over ranks
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
-    timeout_s: float = 600.0  # a collective that waits longer than this is an error
-
-
 @dataclass(frozen=True)
 class DistEnv:
     """Where this process sits in the job."""
@@ -92,20 +83,32 @@ def read_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
-def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``"cuda"`` -> this process's GPU (``cuda:LOCAL_RANK``); ``None`` picks CUDA when present."""
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {kind!r} requested but CUDA is not available; use --device cpu")
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs; "
-                             f"use --nproc-per-node {torch.cuda.device_count()} or less")
-        return torch.device("cuda", local_rank)
-    return torch.device(kind)
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """``"auto"`` (CUDA when present) or ``"cuda"`` -> this process's GPU ``cuda:LOCAL_RANK``; or cpu.
+
+    One process may name its GPU (``cuda:1``); under torchrun each process takes its own.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from err
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if device.index is not None:
+        if world_size > 1:
+            raise ValueError(f"device {name!r}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")
+        return device
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                         f"use --nproc-per-node {torch.cuda.device_count()} or fewer")
+    return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str | None = None, *, timeout_s: float = 600.0) -> DistEnv:
+def init_distributed(device: str = "auto", *, timeout_s: float = 600.0) -> DistEnv:
     """Read torchrun's environment, pick the device, and join the process group if N > 1.
 
     A collective that waits longer than ``timeout_s`` raises (gloo) or aborts the process
@@ -113,7 +116,7 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 600.0) -> 
     and exits non-zero. A single process needs no launcher and joins no group.
     """
     rank, local_rank, world_size = read_env()
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
@@ -142,6 +145,15 @@ def print0(*args: Any, **kwargs: Any) -> None:
     """``print`` on rank 0 only (flushed, so torchrun shows lines as they come)."""
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank, e.g. a number of steps."""
+    if not env.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
 
 
 def barrier() -> None:
@@ -173,17 +185,19 @@ def broadcast_module(model: nn.Module, device: torch.device, src: int = 0) -> No
         tensor.data.copy_(buf)
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
-    """Apply activation checkpointing, then DDP or FSDP2 (``cfg.shard``); one process: just move.
+def parallelize(model: nn.Module, env: DistEnv, *, shard: bool = False,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """Activation checkpointing per block, then DDP, or FSDP2 with ``shard``; one process: just move.
 
     Call once, after the model is built and before the optimiser is created (FSDP2 replaces
-    the parameters with sharded ones). Use ``unwrap`` to reach the plain model again.
+    the parameters with sharded ones). A model with no trainable parameter (an EMA copy) is
+    replicated without DDP, or sharded like the model. ``unwrap`` reaches the plain model.
     """
-    if cfg.activation_checkpointing:
+    if activation_checkpointing:
         checkpoint_blocks(model)
     if not env.distributed:
         return model.to(env.device)
-    if cfg.shard:
+    if shard:
         broadcast_module(model, env.device)  # fully_shard keeps each rank's own initial values
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         for block in _blocks(model):
@@ -191,8 +205,11 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Modul
         fully_shard(model, mesh=mesh)  # the root: embeddings, final norm and head
         return model
     model.to(env.device)
+    if not any(p.requires_grad for p in model.parameters()):
+        broadcast_module(model, env.device)
+        return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids)  # broadcasts rank 0's weights
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
@@ -217,11 +234,21 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_FULL)
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
     """Load full weights (from ``model_state``) into a plain, DDP or sharded model; every rank.
 
-    Takes ownership of ``state``: its entries may be replaced or reused by the model.
+    A missing, unexpected or misshapen key is a ValueError naming it. Takes ownership of
+    ``state``: its entries may be replaced or reused by the model.
     """
+    own = get_model_state_dict(model)  # local views; a shard's .shape is the full shape
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}; is it a checkpoint of another model?")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ValueError(f"{source} does not fit this model: {key} has shape {tuple(value.shape)} in the "
+                             f"{source} but {tuple(own[key].shape)} in the model")
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
