@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from .data import Loader
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, on CPU
 
@@ -137,8 +140,8 @@ def shutdown() -> None:
 
 
 def is_main_process() -> bool:
-    """True on rank 0 or without a process group."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """True on rank 0 (torchrun's ``RANK``) or in a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
@@ -269,17 +272,48 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
 
 # --- exact totals and ordered gathers ------------------------------------------------------
-def sum_across_ranks(values: Sequence[float] | torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Element-wise sum over ranks of per-rank totals (float64 on CPU), e.g. ``[correct, count]``.
-
-    Exact as long as each rank counts only the items it owns: pass real counts, never padding.
-    """
+def _all_reduce(values: Sequence[float] | torch.Tensor, env: DistEnv, op: dist.ReduceOp) -> torch.Tensor:
     totals = torch.as_tensor(values, dtype=torch.float64).clone()
     if env.distributed:
         buf = totals.to(env.device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        dist.all_reduce(buf, op=op)
         totals = buf.cpu()
     return totals
+
+
+def sum_across_ranks(values: Sequence[float] | torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Element-wise sum over ranks of per-rank totals (float64 on CPU), e.g. ``[correct, count]``.
+
+    Exact (integers up to 2**53) as long as each rank counts only the items it owns.
+    """
+    return _all_reduce(values, env, dist.ReduceOp.SUM)
+
+
+def max_across_ranks(values: Sequence[float] | torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Element-wise maximum over ranks (float64 on CPU), e.g. a signal number all ranks act on."""
+    return _all_reduce(values, env, dist.ReduceOp.MAX)
+
+
+def even_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_batches: int,
+                 env: DistEnv) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's ``num_batches`` batches, then empty ones until every rank has yielded as many.
+
+    A sharded model all-gathers its weights in every forward, so all ranks must run the same
+    number of forwards; an empty batch (0 images) counts nothing in any total.
+    """
+    most, minus_fewest = max_across_ranks([num_batches, -num_batches], env).long().tolist()
+    batches = iter(batches)
+    template = next(batches, None)
+    if minus_fewest == 0 and most > 0:  # a rank owns no batch: it learns the shapes from the others
+        shapes: list[Any] = [None] * env.world_size  # (exchanged before any forward, in the same order)
+        dist.all_gather_object(shapes, None if template is None else [(t.shape[1:], t.dtype) for t in template])
+        empty = tuple(torch.empty((0, *shape), dtype=dtype) for shape, dtype in next(s for s in shapes if s))
+    if template is not None:
+        empty = tuple(t[:0] for t in template)
+        yield template
+        yield from batches
+    for _ in range(most - num_batches):
+        yield empty  # type: ignore[misc]
 
 
 def rank_indices(num_items: int, env: DistEnv) -> range:
@@ -313,28 +347,27 @@ def gather_rows(local: torch.Tensor | None, num_items: int, env: DistEnv) -> tor
     return out
 
 
-def extract_features(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    num_items: int,
-    env: DistEnv,
-    *,
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn`` over this rank's batches, gathered -> (features (N, ...), labels (N,)) in dataset order.
+def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], loader: Loader, env: DistEnv, *,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` over a dataset split across ranks -> (features (N, ...), labels (N,)) in dataset order.
 
-    ``batches`` must hold this rank's items ``rank_indices(num_items, env)`` in order, as
-    ``Loader(dataset, cfg, train=False, rank=env.rank, world_size=env.world_size, ...).epoch(0)``
-    yields them. ``fn`` is e.g. ``lambda x: model.features(x)["pre_logits"]``. Every rank
-    returns all N rows on CPU, each item exactly once (no padding duplicates).
+    ``loader`` is an evaluation ``Loader(dataset, cfg, train=False, rank=env.rank,
+    world_size=env.world_size, ...)``, which gives each rank the items ``rank_indices``; ``fn``
+    is e.g. ``lambda x: model.features(x)["pre_logits"]`` (a sharded model works too). Every
+    rank returns all N rows on CPU, each item exactly once (no padding duplicates).
     """
     from tqdm import tqdm  # progress only
 
+    if (loader.rank, loader.world_size, loader.train) != (env.rank, env.world_size, False):
+        raise ValueError(f"extract_features needs an evaluation Loader with rank={env.rank}, world_size="
+                         f"{env.world_size}; got train={loader.train}, rank={loader.rank}, world_size={loader.world_size}")
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    batches = even_batches(loader.epoch(0), len(loader), env)
     with torch.inference_mode():
-        for images, target in tqdm(batches, desc="features", disable=not (progress and env.is_main)):
-            feats.append(fn(images.to(env.device, non_blocking=True)).float().cpu())
+        for images, target in tqdm(batches, total=len(loader), desc="features", disable=not (progress and env.is_main)):
+            feats.append(fn(images.to(env.device, non_blocking=True)).float().cpu())  # empty batches: 0 rows
             labels.append(target.cpu())
+    num_items = len(loader.dataset)
     features = gather_rows(torch.cat(feats) if feats else None, num_items, env)
     return features, gather_rows(torch.cat(labels) if labels else None, num_items, env)
