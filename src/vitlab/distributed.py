@@ -247,11 +247,11 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, source
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"{source} does not fit this model: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}; is it a checkpoint of another model?")
+                         f"unexpected keys {unexpected[:5]}; is it a checkpoint of another architecture?")
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise ValueError(f"{source} does not fit this model: {key} has shape {tuple(value.shape)} in the "
-                             f"{source} but {tuple(own[key].shape)} in the model")
+                             f"{source} but {tuple(own[key].shape)} in the model; is it a checkpoint of another architecture?")
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
