@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import dist_worker as W
 from vitlab.cli import main
+from vitlab.data import ArrayDataset, DataConfig, Loader
 from vitlab.train import read_metrics, resume
 from vitlab.distributed import DistEnv, gather_rows, load_model_state, load_optimizer_state, model_state, \
     parallelize, rank_indices, read_env, sum_across_ranks
@@ -121,6 +122,7 @@ def lr_at(step, **kw):
     return real(step, **kw)
 t.lr_at = lr_at
 from vitlab.cli import main
+from vitlab.data import ArrayDataset, DataConfig, Loader
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -163,6 +165,25 @@ def test_hung_rank_ends_the_job_with_an_error_within_the_timeout():
     assert proc.returncode != 0
     assert time.monotonic() - start < 90  # timeout 3 s + start-up on a loaded machine; never 300 s
     assert "timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def test_ranks_share_each_global_batch_without_overlap():
+    """Global step s holds the same images for any world size (what resume with another world size needs)."""
+    data = ArrayDataset(torch.zeros(50, 3, 8, 8, dtype=torch.uint8), torch.arange(50) % 5, list("abcde"))
+    cfg = DataConfig(image_size=8, crop="none", hflip=False)
+    global_batch, accum = 8, 2
+
+    def steps(world_size: int) -> list[set[int]]:
+        micro = global_batch // (world_size * accum)
+        per_rank = [Loader(data, cfg, batch_size=micro, train=True, num_classes=5, rank=r, world_size=world_size)
+                    .indices(epoch=3).tolist() for r in range(world_size)]
+        seen = [i for share in per_rank for i in share]
+        assert len(seen) == len(set(seen))  # no image twice in the epoch, across ranks
+        n_steps = len(per_rank[0]) // (micro * accum)
+        return [{i for share in per_rank for i in share[s * micro * accum:(s + 1) * micro * accum]}
+                for s in range(n_steps)]
+
+    assert steps(2) == steps(1) == steps(4)[: len(steps(2))] and len(steps(2)) == 50 // global_batch
 
 
 def test_single_process_helpers():
