@@ -510,9 +510,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         f"{warmup} warm-up steps, {cfg.optim.schedule} decay; evaluating on {eval_split if eval_loader else 'nothing'}"
         f" every {cfg.eval_every} steps; run directory {run}")
 
-    if world_size > 1:  # dropout and stochastic depth draw other masks in each process
-        torch.manual_seed(derive_seed(cfg.seed, state.step, rank))
-
     # -- the loop
     metrics = MetricsLog(run / METRICS_FILE, keep_until=state.step) if is_main else None
     bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, disable=not is_main)
@@ -529,6 +526,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 for group in state.optimizer.param_groups:
                     group["lr"] = lr
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                if world_size > 1:  # dropout masks differ per process, are a function of the step: exact resume
+                    torch.manual_seed(derive_seed(cfg.seed, step, rank))
                 if batches is None or step_in_epoch == 0:
                     batches = loader.epoch(epoch, start_batch=step_in_epoch * cfg.accum_steps)
 
