@@ -133,6 +133,7 @@ def test_durations_and_budget_arithmetic():
 def test_cli_train_eval_predict_end_to_end(cifar, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["train", "--data", str(cifar), *TINY_ARGS, "--drop-path", "0.1", "--steps", "6", "--batch-size", "16",
+                 "--mixup", "0.8", "--cutmix", "1.0", "--randaugment-n", "1", "--label-smoothing", "0.1",
                  "--eval-every", "3", "--threads", "1", "--precision", "fp32", "--out", str(run)])
     assert code == 0
     out = capsys.readouterr().out

@@ -82,6 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"vitlab train: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
+        print("vitlab train: interrupted", file=sys.stderr)
+        return 130
     run = result.run_dir
     if result.eval:
         e = result.eval

@@ -353,7 +353,7 @@ def steps_for_budget(seconds: float, *, step_s: float, eval_s: float, eval_every
 
 
 def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loader: Loader | None,
-                  device: torch.device, *, warmup: int = 2, timed: int = 5) -> tuple[float, float, float]:
+                  device: torch.device, *, warmup: int = 3, timed: int = 5) -> tuple[float, float, float]:
     """Seconds per training step, per evaluation and per checkpoint, timed on a throwaway copy.
 
     The copy has its own optimiser and the RNG states are restored afterwards, so the run
@@ -393,6 +393,33 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
                         class_names=[], meta={})
         ckpt_s = time.perf_counter() - start
     return step_s, eval_s, ckpt_s
+
+
+def resolve_length(cfg: TrainConfig, steps_per_epoch: int, measure: Callable[[], tuple[float, float, float]], *,
+                   elapsed: float = 0.0, log: Callable[[str], None] = print) -> tuple[TrainConfig, dict | None]:
+    """The config with its run length and intervals fixed in steps, and how a time budget sized it.
+
+    A time budget calls ``measure()`` (seconds per step, evaluation, checkpoint) and takes the
+    most steps that fit in what is left of the budget after ``elapsed`` seconds.
+    """
+    eval_every = cfg.eval_every or steps_per_epoch
+    checkpoint_every = cfg.checkpoint_every or eval_every
+    sizing = None
+    if cfg.time_budget:
+        step_s, eval_s, ckpt_s = measure()
+        total = steps_for_budget(parse_duration(cfg.time_budget) - elapsed, step_s=step_s, eval_s=eval_s,
+                                 eval_every=eval_every, ckpt_s=ckpt_s, checkpoint_every=checkpoint_every)
+        if total < 1:
+            raise ValueError(f"time budget {cfg.time_budget} is too short: a step takes {step_s:.2f} s and "
+                             f"an evaluation {eval_s:.1f} s")
+        sizing = {"time_budget": cfg.time_budget, "step_s": step_s, "eval_s": eval_s, "checkpoint_s": ckpt_s}
+        log(f"time budget {cfg.time_budget}: a step takes {step_s:.3f} s, an evaluation {eval_s:.1f} s "
+            f"-> {total} steps")
+    else:
+        total = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
+    cfg = dataclasses.replace(cfg, steps=total, time_budget="", epochs=total / steps_per_epoch,
+                              eval_every=eval_every, checkpoint_every=checkpoint_every)
+    return cfg, sizing
 
 
 def save_checkpoint(run: Path, state: TrainState, eval_model: nn.Module, *, steps_per_epoch: int,
@@ -438,6 +465,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
     # -- data
     data_cfg = cfg.data_config()
+    cfg = dataclasses.replace(cfg, data=data_cfg)  # config.json shows the image size and seed really used
     data = build_data(data_cfg, log=log)
     if cfg.batch_size % (cfg.accum_steps * world_size):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accum_steps x processes "
@@ -474,25 +502,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         else:
             log(f"{run} has no checkpoint yet; starting it from step 0")
     else:
-        sizing = None
-        if cfg.time_budget:
-            step_s, eval_s, ckpt_s = measure_speed(model, cfg, loader, eval_loader, device)  # each process
-            eval_every = cfg.eval_every or steps_per_epoch
-            remaining = parse_duration(cfg.time_budget) - (time.perf_counter() - start_time)
-            total = steps_for_budget(remaining, step_s=step_s, eval_s=eval_s, eval_every=eval_every,
-                                     ckpt_s=ckpt_s, checkpoint_every=cfg.checkpoint_every or eval_every)
-            total = broadcast_object(total, env)  # all processes run rank 0's number of steps
-            if total < 1:
-                raise ValueError(f"time budget {cfg.time_budget} is too short: a step takes {step_s:.2f} s and "
-                                 f"an evaluation {eval_s:.1f} s")
-            sizing = {"time_budget": cfg.time_budget, "step_s": step_s, "eval_s": eval_s, "checkpoint_s": ckpt_s}
-            log(f"time budget {cfg.time_budget}: a step takes {step_s:.3f} s, an evaluation {eval_s:.1f} s "
-                f"-> {total} steps")
-        else:
-            total = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
-        eval_every = cfg.eval_every or steps_per_epoch
-        cfg = dataclasses.replace(cfg, steps=total, time_budget="", epochs=total / steps_per_epoch,
-                                  eval_every=eval_every, checkpoint_every=cfg.checkpoint_every or eval_every)
+        cfg, sizing = resolve_length(cfg, steps_per_epoch, lambda: measure_speed(
+            model, cfg, loader, eval_loader, device), elapsed=time.perf_counter() - start_time, log=log)
+        cfg, sizing = broadcast_object((cfg, sizing), env)  # a time budget: every process runs rank 0's steps
         if is_main:
             write_json(run / CONFIG_FILE, {
                 "train": to_dict(cfg), "model_type": type(model_cfg).__name__, "model": to_dict(model_cfg),
