@@ -1,7 +1,6 @@
 import hashlib
 import http.server
 import io
-import os
 import pickle
 import tarfile
 import threading
@@ -384,6 +383,8 @@ def test_resume_mid_epoch_is_bitwise_identical_in_memory():
         assert not torch.equal(list(loader.epoch(3))[0][0], x)  # another epoch, other batches
     with pytest.raises(ValueError, match="start_batch 6 out of range"):
         loader.epoch(0, start_batch=6)
+    with pytest.raises(ValueError, match="less than one batch of 64"):
+        Loader(data, DataConfig(), batch_size=64, train=True, num_classes=10)
     with pytest.raises(ValueError, match="label 9 but num_classes is 5"):
         Loader(data, DataConfig(), batch_size=8, train=True, num_classes=5)
 

@@ -61,14 +61,13 @@ class TrainAugment:
 
 def pad_crop(x: Tensor, padding: int, g: torch.Generator) -> Tensor:
     """Zero-pad by ``padding`` then crop back to (H, W) at a random offset per image."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)  # (B, C, H + 2p, W + 2p)
     dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=g)
     dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=g)
-    rows = (dy + torch.arange(h))[:, :, None]  # (B, H, 1)
-    cols = (dx + torch.arange(w))[:, None, :]  # (B, 1, W)
-    out = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    rows = (dy + torch.arange(h)).view(b, 1, h, 1).expand(b, c, h, w + 2 * padding)
+    cols = (dx + torch.arange(w)).view(b, 1, 1, w).expand(b, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
 
 
 def random_hflip(x: Tensor, g: torch.Generator) -> Tensor:
@@ -201,5 +200,5 @@ def mix(x: Tensor, y: Tensor, num_classes: int, mixup: float, cutmix: float,
         x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
         lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually kept
     else:
-        x = x * lam + other * (1.0 - lam)
+        x = torch.lerp(other, x, lam)  # lam * x + (1 - lam) * other
     return x, target * lam + target.flip(0) * (1.0 - lam)

@@ -90,6 +90,9 @@ class Loader:
             randaugment_m=cfg.randaugment_m) if train else None
         self.mixing = train and (cfg.mixup > 0 or cfg.cutmix > 0)
         self.skipped: list[str] = []  # every unreadable file met, with its error
+        if train and len(self) == 0:
+            raise ValueError(f"{self._share()} training sample(s) per rank is less than one batch of "
+                             f"{batch_size}; lower the batch size or pass drop_last=False")
 
     def _share(self) -> int:
         n = len(self.dataset)  # type: ignore[arg-type]
