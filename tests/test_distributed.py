@@ -199,6 +199,17 @@ def test_single_process_helpers():
     assert sum_across_ranks([2, 3], env).tolist() == [2.0, 3.0]
     model = parallelize(W.tiny_model(), env, activation_checkpointing=True)
     assert set(model_state(model)) == set(W.tiny_model().state_dict())  # wrapper prefix hidden
+    # A ResNet's residual units (``stages`` of Sequentials) are checkpointed like ViT blocks.
+    torch.manual_seed(0)
+    resnet = torch.nn.Module()
+    resnet.stages = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()) for _ in range(2))
+    keys, x = set(resnet.state_dict()), torch.randn(3, 4)
+    expected = resnet.stages[1](resnet.stages[0](x))
+    parallelize(resnet, env, activation_checkpointing=True)
+    assert set(resnet.state_dict()) == keys and "CheckpointWrapper" in repr(resnet.stages[0][0])
+    assert torch.equal(resnet.stages[1](resnet.stages[0](x)), expected)
+    with pytest.raises(ValueError, match="no `blocks`"):
+        parallelize(torch.nn.Linear(2, 2), env, activation_checkpointing=True)
     state = W.tiny_model().state_dict()
     state["head.weight"] = state["head.weight"][:3]
     with pytest.raises(ValueError, match=r"head.weight has shape \(3, 16\)"):

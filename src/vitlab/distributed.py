@@ -166,18 +166,21 @@ def barrier() -> None:
 
 
 # --- parallelize -----------------------------------------------------------------------
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint or shard per block")
-    return blocks
+def _block_lists(model: nn.Module) -> list[nn.ModuleList | nn.Sequential]:
+    """Where the repeated units are: a ViT's ``blocks``, or the stages of residual units of a ResNet."""
+    blocks, stages = getattr(model, "blocks", None), getattr(model, "stages", None)
+    if isinstance(blocks, nn.ModuleList):
+        return [blocks]
+    if isinstance(stages, nn.ModuleList) and all(isinstance(stage, nn.Sequential) for stage in stages):
+        return list(stages)
+    raise ValueError(f"{type(model).__name__} has no `blocks` (or `stages` of units) to checkpoint or shard per block")
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
     """Wrap each block so its activations are recomputed in backward (state-dict keys unchanged)."""
-    blocks = _blocks(model)
-    for i, block in enumerate(blocks):
-        blocks[i] = checkpoint_wrapper(block)
+    for blocks in _block_lists(model):
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
 
 
 def broadcast_module(model: nn.Module, device: torch.device, src: int = 0) -> None:
@@ -203,9 +206,10 @@ def parallelize(model: nn.Module, env: DistEnv, *, shard: bool = False,
     if shard:
         broadcast_module(model, env.device)  # fully_shard keeps each rank's own initial values
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        for block in _blocks(model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the root: embeddings, final norm and head
+        for blocks in _block_lists(model):
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root: the rest (embeddings, final norm, head)
         return model
     model.to(env.device)
     if not any(p.requires_grad for p in model.parameters()):
