@@ -307,14 +307,14 @@ def even_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_batch
     """
     most, minus_fewest = max_across_ranks([num_batches, -num_batches], env).long().tolist()
     batches = iter(batches)
-    template = next(batches, None)
-    if minus_fewest == 0 and most > 0:  # a rank owns no batch: it learns the shapes from the others
-        shapes: list[Any] = [None] * env.world_size  # (exchanged before any forward, in the same order)
-        dist.all_gather_object(shapes, None if template is None else [(t.shape[1:], t.dtype) for t in template])
-        empty = tuple(torch.empty((0, *shape), dtype=dtype) for shape, dtype in next(s for s in shapes if s))
-    if template is not None:
-        empty = tuple(t[:0] for t in template)
-        yield template
+    first = next(batches, None)
+    empty = None if first is None else tuple(t[:0] for t in first)
+    if minus_fewest == 0 and most > 0:  # a rank owns no batch: it borrows the shapes, before any forward
+        shapes: list[Any] = [None] * env.world_size
+        dist.all_gather_object(shapes, None if empty is None else [(t.shape, t.dtype) for t in empty])
+        empty = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in next(s for s in shapes if s))
+    if first is not None:
+        yield first
         yield from batches
     for _ in range(most - num_batches):
         yield empty  # type: ignore[misc]

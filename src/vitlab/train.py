@@ -40,8 +40,8 @@ from .config import as_pair, from_dict, replace_checked, to_dict
 from .data import DataConfig, Loader, build_data
 from .data.loader import derive_seed
 from .distributed import (barrier, broadcast_object, init_distributed, load_model_state, load_optimizer_state,
-                          max_across_ranks, model_state, optimizer_state, parallelize, shutdown, sum_across_ranks,
-                          unwrap)
+                          max_across_ranks, model_state, optimizer_state, parallelize, set_gradient_sync, shutdown,
+                          sum_across_ranks, unwrap)
 from .evaluate import evaluate
 from .models import build_model, get_spec
 from .optim import OptimConfig, build_optimizer, lr_at, update_ema
@@ -334,7 +334,8 @@ def forward_backward(model: nn.Module, batches: Iterator[tuple[torch.Tensor, tor
                      device: torch.device) -> torch.Tensor:
     """Run ``cfg.accum_steps`` micro-batches, accumulating gradients; returns the step's mean loss."""
     total = torch.zeros((), device=device)
-    for _ in range(cfg.accum_steps):
+    for micro in range(cfg.accum_steps):
+        set_gradient_sync(model, micro == cfg.accum_steps - 1)  # processes average gradients once per step
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, cfg.precision):
