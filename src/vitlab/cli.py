@@ -100,6 +100,7 @@ def add_train_options(p: argparse.ArgumentParser) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from scratch (or continue a run): a progress bar, metrics.jsonl, curves.png, checkpoints."""
+    from .distributed import print0  # under torchrun only rank 0 prints
     from .recipes import RECIPES, recipe
     from .train import BEST_FILE, CURVES_FILE, LAST_FILE, Interrupted, TrainConfig, TrainingDiverged, override
     from .train import resume, train
@@ -119,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out = args.out or f"runs/{args.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
             result = train(cfg, out)
     except Interrupted as err:
-        print(f"vitlab train: {err}", file=sys.stderr)
+        print0(f"vitlab train: {err}", file=sys.stderr)
         return 128 + err.signum
     except TrainingDiverged as err:
         print(f"vitlab train: error: {err}", file=sys.stderr)
@@ -130,10 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = result.run_dir
     if result.eval:
         e = result.eval
-        print(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
-              f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
-    print(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
-    print(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
+        print0(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
+               f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
+    print0(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
+    print0(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
     return 0
 
 
