@@ -153,10 +153,10 @@ def import_state(entries: list[Entry], foreign: dict[str, Tensor], expected: dic
     not_filled = sorted(set(expected) - set(state))
     if missing or unexpected or not_filled:
         raise ValueError(
-            f"{report.source} is not a {report.format} checkpoint of this ViT: missing keys [{_shorten(missing)}], "
+            f"{report.source} is not a {report.format} checkpoint of this model: missing keys [{_shorten(missing)}], "
             f"unexpected keys [{_shorten(unexpected)}]"
             + (f", unfilled model keys [{_shorten(not_filled)}]" if not_filled and not missing else "")
-            + "; pick the right format with --from, or check that the checkpoint is a plain ViT"
+            + "; pick the right format with --from, or check the checkpoint's architecture (ViT, hybrid or BiT)"
         )
     report.num_tensors = len(state)
     return state
