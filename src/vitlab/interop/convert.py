@@ -9,9 +9,11 @@ and the other way to export.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..checkpoint import save_model
@@ -68,11 +70,12 @@ def describe(cfg: ViTConfig | BiTConfig) -> str:
             f"LayerNorm eps {cfg.layer_norm_eps:g}, mean {cfg.mean}, std {cfg.std}")
 
 
-def import_model(src: str | os.PathLike, fmt: str | None = None, *, like: ViTConfig | BiTConfig | None = None,
-                 **overrides: Any) -> tuple[nn.Module, ImportReport]:
+def import_model(src: str | os.PathLike | Mapping[str, torch.Tensor], fmt: str | None = None, *,
+                 like: ViTConfig | BiTConfig | None = None, **overrides: Any) -> tuple[nn.Module, ImportReport]:
     """A vitlab model (eval mode) holding the weights of a foreign checkpoint, and the import report.
 
-    The model is a ViT, an R50+ViT hybrid or a BiT ResNet, as the checkpoint holds.
+    The model is a ViT, an R50+ViT hybrid or a BiT ResNet, as the checkpoint holds. ``src``
+    is a path, or a timm state dict in memory (``timm_model.state_dict()``).
 
     The architecture is read from the tensors (and config.json for ``hf``); ``like`` instead
     checks the checkpoint against that architecture and fails on the first mismatching key,
@@ -80,8 +83,13 @@ def import_model(src: str | os.PathLike, fmt: str | None = None, *, like: ViTCon
     normalisation) are kept in the config. ``overrides`` replace config fields, e.g.
     ``num_heads`` (timm state dicts do not record it), ``mean``/``std``, ``image_size``.
     """
-    path = Path(src)
-    fmt, source = _read(path, fmt)
+    if isinstance(src, Mapping):
+        if fmt not in (None, "timm"):
+            raise ValueError(f"a state dict in memory is read as timm's, not {fmt!r}")
+        path, fmt, source = Path("<state dict>"), "timm", dict(src)
+    else:
+        path = Path(src)
+        fmt, source = _read(path, fmt)
     notes: list[str] = []
     known = {**({k: getattr(like, k) for k in ("num_heads", "image_size") if hasattr(like, k)}), **overrides}
     if fmt in ("official", "big_vision"):
