@@ -16,18 +16,17 @@ inputs in [-1, 1]; ``BiTConfig``'s defaults.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import BiTConfig
-from .keymap import Entry, conv_from_hwio, conv_to_hwio, one
+from .keymap import Entry, conv_from_hwio, conv_to_hwio, one, units_per_stage
 
 PREFIX = "resnet/"
 ROOT = f"{PREFIX}root_block/standardized_conv2d/kernel"
-UNIT = re.compile(rf"{PREFIX}block(\d+)/unit(\d+)/")
+UNIT = rf"{PREFIX}block(\d+)/unit(\d+)/"
 
 
 def is_bit(tensors: dict[str, torch.Tensor]) -> bool:
@@ -41,16 +40,11 @@ def config_fields(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any
         raise ValueError(f"{path} is not a BiT .npz: it has no {ROOT!r} (keys: {', '.join(sorted(tensors)[:6])}, "
                          f"...); pick the format with --from")
     root = tensors[ROOT]  # (7, 7, C, stem)
-    units: dict[int, int] = {}
-    for key in tensors:
-        if m := UNIT.match(key):
-            units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)))
-    if not units or sorted(units) != list(range(1, len(units) + 1)):
-        raise ValueError(f"{path}: the BiT stages are not block1..blockN (found blocks {sorted(units)})")
+    layers = units_per_stage(tensors, UNIT, str(path), first=1)
     stem = root.shape[3]
     factor = stem // 64 if stem % 64 == 0 else 1
     head = tensors.get(f"{PREFIX}head/conv2d/bias")
-    return dict(in_channels=root.shape[2], layers=tuple(units[s] for s in sorted(units)), width_factor=factor,
+    return dict(in_channels=root.shape[2], layers=layers, width_factor=factor,
                 stem_width=stem // factor, num_classes=head.shape[0] if head is not None else 0,
                 gn_eps=1e-5, ws_eps=1e-10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -80,8 +74,9 @@ def key_map(cfg: BiTConfig) -> list[Entry]:
     for s, (units, cout) in enumerate(zip(cfg.layers, cfg.widths)):
         for u in range(units):
             ours, theirs = f"stages.{s}.{u}.", f"{PREFIX}block{s + 1}/unit{u + 1:02d}/"
-            for i, part in enumerate("abc", start=1):
-                entries += [_conv(f"{ours}conv{i}.weight", f"{theirs}{part}/"), *_norm(f"{ours}gn{i}", f"{theirs}{part}/")]
+            for i, part in enumerate("abc", start=1):  # part a: gn1 -> conv1, b: gn2 -> conv2, c: gn3 -> conv3
+                entries += [_conv(f"{ours}conv{i}.weight", f"{theirs}{part}/"),
+                            *_norm(f"{ours}gn{i}", f"{theirs}{part}/")]
             if u == 0 and (s > 0 or cin != cout):
                 entries.append(_conv(f"{ours}downsample.weight", f"{theirs}a/proj/"))
         cin = cout

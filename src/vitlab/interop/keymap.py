@@ -6,7 +6,8 @@ weights, so an import followed by an export gives back the same arrays bit for b
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,19 @@ def out_kernel_in(t: Tensor) -> Tensor:
 def out_kernel_out(heads: int) -> Fn:
     """Linear weight (D, heads * head_dim) -> DenseGeneral kernel (heads, head_dim, D)."""
     return lambda w: w.T.reshape(heads, -1, w.shape[0])
+
+
+def units_per_stage(keys: Iterable[str], pattern: str, source: str, first: int = 0) -> tuple[int, ...]:
+    """ResNet units per stage from the keys matching ``pattern`` (groups: stage, unit; numbered from ``first``)."""
+    units: dict[int, int] = {}
+    for key in keys:
+        if m := re.match(pattern, key):
+            stage, unit = int(m.group(1)) - first, int(m.group(2)) - first
+            units[stage] = max(units.get(stage, 0), unit + 1)
+    if sorted(units) != list(range(len(units))):
+        raise ValueError(f"{source}: the ResNet stages are not numbered {first}, {first + 1}, ... "
+                         f"(found {[s + first for s in sorted(units)]})")
+    return tuple(units[s] for s in sorted(units))
 
 
 @dataclass

@@ -39,7 +39,7 @@ from ..config import HybridConfig, ViTConfig, as_pair
 from ..models.posemb import sincos_2d
 from .files import read_npz
 from .keymap import (Entry, conv_from_hwio, conv_to_hwio, dense, flatten, fused, one, out_kernel_in, out_kernel_out,
-                     qkv_kernel_in, qkv_kernel_out, unflatten)
+                     qkv_kernel_in, qkv_kernel_out, unflatten, units_per_stage)
 
 NAMES = {
     "official": dict(posemb="Transformer/posembed_input/pos_embedding", attn="MultiHeadDotProductAttention_1",
@@ -51,7 +51,7 @@ PREFIXES = ("params/img/", "params/", "opt/target/")
 
 # Config type name -> extra entries for a convolutional stem (filled below: the R50 hybrid).
 STEM_KEY_MAPS: dict[str, Callable[[Any], list[Entry]]] = {}
-UNIT = re.compile(r"block(\d+)/unit(\d+)/")
+UNIT = r"block(\d+)/unit(\d+)/"
 
 
 @dataclass
@@ -123,13 +123,7 @@ def _resnet_fields(src: NpzSource) -> dict[str, Any]:
     if src.flavour != "official":
         raise ValueError(f"{src.path}: big_vision has no R50+ViT hybrid; read it with --from official")
     root = src.tensors["conv_root/kernel"]  # (7, 7, C, width)
-    units: dict[int, int] = {}
-    for key in src.tensors:
-        if m := UNIT.match(key):
-            units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)))
-    if sorted(units) != list(range(1, len(units) + 1)):
-        raise ValueError(f"{src.path}: the hybrid's ResNet stages are not block1..blockN (found blocks {sorted(units)})")
-    return dict(resnet_width=root.shape[3], resnet_layers=tuple(units[s] for s in sorted(units)),
+    return dict(resnet_width=root.shape[3], resnet_layers=units_per_stage(src.tensors, UNIT, str(src.path), first=1),
                 gn_eps=1e-6, ws_eps=1e-5, ws_form="std")
 
 

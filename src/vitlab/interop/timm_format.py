@@ -21,11 +21,12 @@ import torch
 from ..config import BiTConfig, HybridConfig, ViTConfig
 from ..models import build_model
 from ..models.vit import VARIANTS
-from .keymap import Entry, one
+from .keymap import Entry, one, units_per_stage
 
 RENAMES = {"pre_logits.0.weight": "pre_logits.fc.weight", "pre_logits.0.bias": "pre_logits.fc.bias"}
 # vitlab key prefix (a regex) -> timm key prefix, per model family; the first match renames.
 _UNIT = r"stages\.(\d+)\.(\d+)\."
+_TIMM_UNIT = r"stages\.(\d+)\.blocks\.(\d+)\."
 NAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "bit": (
         (r"conv_root\.", "stem.conv."),
@@ -80,15 +81,6 @@ def key_map(cfg: ViTConfig | BiTConfig) -> list[Entry]:
             else one(key, timm_key(key, cfg)) for key in vitlab_keys(cfg)]
 
 
-def _stage_units(tensors: dict[str, torch.Tensor], prefix: str) -> tuple[int, ...]:
-    """Units per stage from ``{prefix}stages.{s}.blocks.{u}.`` keys."""
-    units: dict[int, int] = {}
-    for key in tensors:
-        if m := re.match(re.escape(prefix) + r"stages\.(\d+)\.blocks\.(\d+)\.", key):
-            units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)) + 1)
-    return tuple(units[s] for s in sorted(units))
-
-
 def family(tensors: dict[str, torch.Tensor]) -> str:
     """"bit" (ResNetV2), "hybrid" (ViT with a ResNet backbone) or "vit"."""
     if "stem.conv.weight" in tensors:
@@ -103,7 +95,7 @@ def bit_config_fields(tensors: dict[str, torch.Tensor], source: str, notes: list
     factor = width // 64 if width % 64 == 0 else 1
     head = tensors.get("head.fc.bias")
     notes.append("timm state dicts do not record the input normalisation: assumed mean = std = 0.5 (BiT's)")
-    return dict(in_channels=stem.shape[1], layers=_stage_units(tensors, ""), width_factor=factor,
+    return dict(in_channels=stem.shape[1], layers=units_per_stage(tensors, _TIMM_UNIT, source), width_factor=factor,
                 stem_width=width // factor, num_classes=head.shape[0] if head is not None else 0,
                 gn_eps=1e-5, ws_eps=1e-8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -148,7 +140,7 @@ def config_fields(tensors: dict[str, torch.Tensor], source: str, notes: list[str
     resnet: dict[str, Any] = {}
     stride = patch  # input pixels per token
     if kind == "hybrid":
-        layers = _stage_units(tensors, "patch_embed.backbone.")
+        layers = units_per_stage(tensors, "patch_embed.backbone." + _TIMM_UNIT, source)
         stem = _need(tensors, "patch_embed.backbone.stem.conv.weight" if layers else "patch_embed.backbone.conv.weight",
                      source)  # (resnet width, C, 7, 7)
         channels = stem.shape[1]
