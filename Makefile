@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # Train a small ViT on CIFAR-10 for a few minutes, evaluate it on the test set, show the plots.
 demo: install
 	$(VENV)/bin/vitlab train --recipe demo --data $(DATA) --out $(RUN)
-	$(VENV)/bin/vitlab eval $(RUN)
+	$(VENV)/bin/vitlab eval $(RUN)/last.safetensors --data $(DATA)
 	@echo "plots: $(RUN)/curves.png $(RUN)/confusion_test.png"
 
 test: install

@@ -40,6 +40,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Import a foreign checkpoint (official / big_vision / timm / hf) into a vitlab model file."""
+    from .interop import convert
+    from .models import model_config
+
+    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("image_size", args.image_size),
+                                   ("mean", args.mean and tuple(args.mean)), ("std", args.std and tuple(args.std)))
+                 if v is not None}
+    like = model_config(args.model) if args.model else None
+    report = convert(args.src, args.dst, args.fmt, like=like, **overrides)
+    print(report)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a vitlab model file to timm (.safetensors/.pth), Hugging Face (folder), .npz or ONNX."""
+    from .checkpoint import load_model
+    from .interop import export_model, export_onnx
+
+    loaded = load_model(args.checkpoint)
+    if Path(args.dst).suffix == ".onnx":
+        diff = export_onnx(loaded.model, args.dst, dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size,
+                           check=not args.no_check)
+        print(f"wrote {args.dst}" + ("" if args.no_check else f" (onnxruntime vs PyTorch: max abs diff {diff:.2e})"))
+        return 0
+    path = export_model(loaded.model, args.dst, args.to, class_names=loaded.class_names)
+    print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- train / eval / predict
 
 def _model_config_types() -> list[type]:
@@ -71,6 +102,7 @@ def add_train_options(p: argparse.ArgumentParser) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from scratch (or continue a run): a progress bar, metrics.jsonl, curves.png, checkpoints."""
+    from .distributed import print0  # under torchrun only rank 0 prints
     from .recipes import RECIPES, recipe
     from .train import BEST_FILE, CURVES_FILE, LAST_FILE, Interrupted, TrainConfig, TrainingDiverged, override
     from .train import resume, train
@@ -90,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out = args.out or f"runs/{args.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
             result = train(cfg, out)
     except Interrupted as err:
-        print(f"vitlab train: {err}", file=sys.stderr)
+        print0(f"vitlab train: {err}", file=sys.stderr)
         return 128 + err.signum
     except TrainingDiverged as err:
         print(f"vitlab train: error: {err}", file=sys.stderr)
@@ -101,10 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = result.run_dir
     if result.eval:
         e = result.eval
-        print(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
-              f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
-    print(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
-    print(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
+        print0(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
+               f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
+    print0(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
+    print0(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
     return 0
 
 
@@ -255,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="attention maps, position-embedding similarity, attention distance, report")
     p.add_argument("checkpoint", help="model file or run directory")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders to draw attention maps for")
-    p.add_argument("--data", help="image folder for the mean attention distance (default: the --images)")
+    p.add_argument("--data", help="data set (CIFAR dir, image folder) for the mean attention distance (default: the --images)")
     p.add_argument("--out", required=True, help="output folder for the PNGs and report.html")
     p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean", help="how rollout fuses heads")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of the lowest weights per row")
@@ -264,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("convert", help="import official/big_vision/BiT .npz, timm or Hugging Face weights")
+    p.add_argument("src", help=".npz file (ViT, hybrid or BiT), timm .safetensors/.pth, or a Hugging Face folder")
+    p.add_argument("dst", help="the vitlab model file to write (.safetensors)")
+    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "bit", "timm", "hf"],
+                   help="force the format")
+    p.add_argument("--model", help="check the checkpoint against this preset's architecture")
+    p.add_argument("--num-heads", type=int, help="heads (timm state dicts do not record them)")
+    p.add_argument("--image-size", type=int, help="input size, when the checkpoint cannot tell it")
+    p.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (R G B)")
+    p.add_argument("--std", type=float, nargs=3, help="input normalisation std (R G B)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, official .npz or ONNX")
+    p.add_argument("checkpoint", help="vitlab model file or run directory")
+    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official; BiT's for a BiT "
+                               "model) or .onnx")
+    p.add_argument("--to", choices=["official", "big_vision", "bit", "timm", "hf"], help="force the format")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
+    p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
+    p.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("train", help="train a model from scratch (or --resume a run)", allow_abbrev=False,
                        description="Train from scratch. Every config field is an option; a recipe sets the "
                                    "starting values. Writes config.json, metrics.jsonl, curves.png, "

@@ -1,7 +1,7 @@
 """Frozen features: a named intermediate of a model, extracted in batches, cached on disk.
 
-``extract_features`` is the one place images go through the frozen model (a distributed
-version can replace it); ``cached_features`` keeps what it computed in a safetensors file per
+``extract_features`` is the one place images go through the frozen model (batched, and
+split across ranks under torchrun, by ``vitlab.distributed``); ``cached_features`` keeps what it computed in a safetensors file per
 (checkpoint, data, split, feature) and computes only the rows it has not seen yet.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from .checkpoint import atomic_write, read_safetensors
 from .data import DataConfig, Loader
+from .distributed import DistEnv
+from .distributed import extract_features as gather_features
 
 CACHE_VERSION = 1  # bump when the meaning of a cached feature changes
 
@@ -38,25 +39,28 @@ def as_vectors(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=1)  # (B, N, D) -> (B, D), e.g. the stem's patch tokens
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, dataset: Dataset, data_cfg: DataConfig, *, feature: str = "pre_logits",
-                     batch_size: int = 256, device: str | torch.device = "cpu", progress: bool = True,
-                     desc: str = "features", log: Callable[[str], None] = print) -> torch.Tensor:
-    """Float32 features ``(len(dataset), D)`` of ``model.features(x)[feature]`` under the eval transform."""
+                     batch_size: int = 256, device: str | torch.device = "cpu", env: DistEnv | None = None,
+                     progress: bool = True, log: Callable[[str], None] = print) -> torch.Tensor:
+    """Float32 features ``(len(dataset), D)`` of ``model.features(x)[feature]`` under the eval transform.
+
+    The batches go through ``vitlab.distributed.extract_features``: with a torchrun ``env`` each
+    rank computes its share and every rank gets all rows; by default this process on ``device``.
+    """
+    env = env or DistEnv(device=torch.device(device))
     num_classes = int(dataset.labels.max()) + 1 if len(dataset) else 1  # type: ignore[attr-defined]
-    loader = Loader(dataset, data_cfg, batch_size=batch_size, train=False, num_classes=num_classes, log=log)
-    model.eval()
-    out = []
-    for x, _ in tqdm(loader.epoch(0), total=len(loader), desc=desc, unit="batch", disable=not progress,
-                     leave=False):
-        named = model.features(x.to(device))
+    loader = Loader(dataset, data_cfg, batch_size=batch_size, train=False, num_classes=num_classes,
+                    rank=env.rank, world_size=env.world_size, log=log)
+
+    def vectors(x: torch.Tensor) -> torch.Tensor:
+        named = model.features(x)
         if feature not in named:
             raise ValueError(f"the model has no feature {feature!r}; choose one of {', '.join(named)}")
-        out.append(as_vectors(model, named[feature]).float().cpu())
-    if loader.skipped:
-        raise ValueError(f"{len(loader.skipped)} unreadable image(s) (first: {loader.skipped[0]}); features "
-                         f"must cover every image, so remove or repair them")
-    return torch.cat(out) if out else torch.empty(0, 0)
+        return as_vectors(model, named[feature])
+
+    model.eval()
+    features, _ = gather_features(vectors, loader, env, progress=progress)
+    return features
 
 
 def cache_key(checkpoint: str | os.PathLike, data_cfg: DataConfig, split: str, feature: str,

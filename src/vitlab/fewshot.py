@@ -237,7 +237,7 @@ def fewshot_checkpoint(
     def features(split: str, dataset, indices: torch.Tensor) -> torch.Tensor:
         def compute(missing: torch.Tensor) -> torch.Tensor:
             return extract_features(model, dataset.subset(missing), data_cfg, feature=feature, batch_size=batch_size,
-                                    device=device, progress=progress, desc=f"{split} features", log=log)
+                                    device=device, progress=progress, log=log)
         key = cache_key(file, data_cfg, split, feature, dataset.labels)
         x, computed[split] = cached_features(key, cache_dir, indices, compute, log=log)
         return x

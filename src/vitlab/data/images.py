@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,24 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 def is_image_file(name: str | os.PathLike) -> bool:
     """True for the extensions read here (JPEG, PNG, WebP, BMP), case-insensitive."""
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files named by ``paths``; a folder contributes its images (recursively, sorted)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not inside:
+                raise ValueError(f"{p} holds no images (JPEG, PNG, WebP or BMP)")
+            found.extend(inside)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"image or folder {p} does not exist")
+    if not found:
+        raise ValueError("no images given; pass image files or folders")
+    return found
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -38,12 +57,15 @@ def to_uint8_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def resize_center_crop(x: Tensor, size: int) -> Tensor:
-    """uint8 (..., C, H, W): resize the shorter side to ``size`` (antialiased), crop the centre."""
-    if x.shape[-2:] != (size, size):
-        if min(x.shape[-2:]) != size:
-            x = v2.functional.resize(x, size, antialias=True)
-        x = v2.functional.center_crop(x, [size, size])
+def resize_center_crop(x: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """uint8 (..., C, H, W): resize (antialiased) so the image covers ``size``, crop the centre."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if x.shape[-2:] != (h, w):
+        scale = max(h / x.shape[-2], w / x.shape[-1])
+        covered = [max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale))]
+        if covered != list(x.shape[-2:]):
+            x = v2.functional.resize(x, covered, antialias=True)
+        x = v2.functional.center_crop(x, [h, w])
     return x
 
 
@@ -54,7 +76,7 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     return x.float().mul_(scale).sub_(shift)
 
 
-def eval_transform(image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+def eval_transform(image_size: int | tuple[int, int], mean: Sequence[float] = (0.5, 0.5, 0.5),
                    std: Sequence[float] = (0.5, 0.5, 0.5)) -> Callable[[Image.Image], Tensor]:
     """The evaluation preprocessing of one image: RGB PIL -> normalised float (3, S, S)."""
     def transform(img: Image.Image) -> Tensor:

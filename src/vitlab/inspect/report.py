@@ -54,7 +54,7 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str | os.
                        device: str | torch.device = "cpu") -> Path:
     """Write the attention maps of ``images``, the paper's Fig. 7 panels and ``report.html`` to ``out``.
 
-    Mean attention distance uses up to ``num_images`` images from the folder ``data``, or the
+    Mean attention distance uses up to ``num_images`` images from the data set ``data``, or the
     given ``images`` when there is none. Returns the report's path.
     """
     if num_images < 1:
