@@ -118,6 +118,21 @@ def test_freeze():
         freeze(model, 3)
 
 
+def test_a_bit_resnet_checkpoint_fine_tunes_too(cifar, tmp_path):
+    torch.manual_seed(0)
+    bit = create_model("bit_r50x1", layers=(1, 1), stem_width=8, num_groups=4, image_size=32, num_classes=10)
+    vitlab.save_model(bit, tmp_path / "bit.safetensors", meta={"model": "bit_r50x1"})
+    cfg = finetune_config(tmp_path / "bit.safetensors", str(cifar), image_size=48, train_blocks=1)
+    assert cfg.model == "bit_r50x1" and "posemb_mode" not in cfg.model_overrides
+    model = build_model(cfg.model_config(num_classes=5))
+    load_pretrained(model, cfg.init_from)
+    freeze(model, cfg.train_blocks)
+    assert torch.equal(model.conv_root.weight, bit.conv_root.weight) and not model.head.weight.any()
+    assert trained_modules(model) == {"head", "norm", "stages"}  # the last residual unit only
+    assert not any(p.requires_grad for p in model.stages[0].parameters())
+    assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 5)
+
+
 # ---------------------------------------------------------------- fine-tuning end to end
 
 def test_finetune_cli_sweeps_then_trains_from_a_checkpoint(checkpoint, cifar, tmp_path, capsys):

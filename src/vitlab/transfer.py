@@ -38,7 +38,8 @@ def adapt_model(model: nn.Module, *, num_classes: int, image_size: int | tuple[i
     embeddings resampled to ``image_size`` with ``posemb_mode`` (the model's cfg records it)."""
     model.reset_head(num_classes, keep_pre_logits=keep_pre_logits)
     model.set_image_size(image_size or model.cfg.image_size, mode=posemb_mode)
-    model.cfg = replace_checked(model.cfg, posemb_mode=posemb_mode)
+    if hasattr(model.cfg, "posemb_mode"):  # a BiT ResNet has no position embeddings
+        model.cfg = replace_checked(model.cfg, posemb_mode=posemb_mode)
     return model
 
 
@@ -47,25 +48,27 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     adapting the checkpoint's head and position embeddings to ``model``'s classes and grid."""
     source = load_model(checkpoint).model
     cfg = model.cfg
-    adapt_model(source, num_classes=cfg.num_classes, image_size=cfg.image_size, posemb_mode=cfg.posemb_mode,
-                keep_pre_logits=bool(cfg.representation_size))
+    adapt_model(source, num_classes=cfg.num_classes, image_size=cfg.image_size,
+                posemb_mode=getattr(cfg, "posemb_mode", "scipy"),
+                keep_pre_logits=bool(getattr(cfg, "representation_size", None)))
     load_state_dict_checked(model, source.state_dict(), source=f"pre-trained checkpoint {checkpoint}")
 
 
 def freeze(model: nn.Module, train_blocks: int) -> None:
-    """Train only the last ``train_blocks`` encoder blocks, the final norm and the head (0: the head
-    and pre-logits only, a frozen backbone; -1: everything)."""
+    """Train only the last ``train_blocks`` blocks (a ViT's encoder blocks, a ResNet's residual
+    units), the final norm and the head (0: the head and pre-logits only, a frozen backbone;
+    -1: everything)."""
     if train_blocks < 0:
         model.requires_grad_(True)
         return
-    depth = len(model.blocks)
-    if train_blocks > depth:
-        raise ValueError(f"train_blocks {train_blocks} exceeds the model's {depth} blocks; use at most {depth} "
-                         f"(or -1 to train everything)")
+    units = list(model.blocks) if hasattr(model, "blocks") else [u for stage in model.stages for u in stage]
+    if train_blocks > len(units):
+        raise ValueError(f"train_blocks {train_blocks} exceeds the model's {len(units)} blocks; use at most "
+                         f"{len(units)} (or -1 to train everything)")
     model.requires_grad_(False)
-    trained = [model.head, model.pre_logits]
+    trained = [model.head, getattr(model, "pre_logits", nn.Identity())]
     if train_blocks:
-        trained += [model.norm, *model.blocks[depth - train_blocks:]]
+        trained += [model.norm, *units[len(units) - train_blocks:]]
     for module in trained:
         module.requires_grad_(True)
 
@@ -93,8 +96,12 @@ def finetune_config(checkpoint: str | os.PathLike, data: str, *, image_size: int
     file = resolve_model_file(checkpoint)
     loaded = load_model(file)
     pre = loaded.config
-    target = replace_checked(pre, image_size=image_size or pre.image_size, posemb_mode=posemb_mode,
-                             representation_size=pre.representation_size if keep_pre_logits else None)
+    changes: dict[str, Any] = {"image_size": image_size or pre.image_size}
+    if hasattr(pre, "posemb_mode"):  # ViTs and hybrids; a BiT ResNet has no position embeddings
+        changes["posemb_mode"] = posemb_mode
+    if hasattr(pre, "representation_size"):
+        changes["representation_size"] = pre.representation_size if keep_pre_logits else None
+    target = replace_checked(pre, **changes)
     preset = _preset_for(pre, loaded.meta.get("model"))
     base = get_spec(preset).config
     model_overrides = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
