@@ -1,8 +1,9 @@
 """Frozen features: a named intermediate of a model, extracted in batches, cached on disk.
 
-``extract_features`` is the one place images go through the frozen model (batched, and
-split across ranks under torchrun, by ``vitlab.distributed``); ``cached_features`` keeps what it computed in a safetensors file per
-(checkpoint, data, split, feature) and computes only the rows it has not seen yet.
+``extract_features`` is the one place images go through the frozen model (batched, and split
+across ranks under torchrun, by ``vitlab.distributed``); ``cached_features`` keeps what it
+computed in a safetensors file per (checkpoint, data, split, feature) and computes only the
+rows it has not seen yet.
 """
 from __future__ import annotations
 
