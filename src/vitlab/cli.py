@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import as_pair
 from .fewshot import FEATURE_CACHE
+from .transfer import LR_SWEEP, MINIVAL
 from .flops import count_flops
 from .inspect import inspect_checkpoint
 from .models import build_model, get_spec, list_models
@@ -345,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("fewshot", help="few-shot linear evaluation of frozen features (the paper's ridge)",
                        allow_abbrev=False)
     p.add_argument("--from", dest="checkpoint", metavar="CHECKPOINT", required=True, help="model file or run directory")
@@ -356,9 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", choices=["logistic"], help="also fit a logistic-regression probe on the same shots")
     p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
     p.add_argument("--device", default="auto")
-    p.add_argument("--cache-dir", default=FEATURE_CACHE, help=f"where extracted features are kept (default {FEATURE_CACHE})")
+    p.add_argument("--cache-dir", default=FEATURE_CACHE, help=f"extracted features are kept here ({FEATURE_CACHE})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=cmd_fewshot)
+
     p = sub.add_parser("finetune", help="fine-tune a checkpoint on new classes at a new resolution (paper recipe)",
                        allow_abbrev=False,
                        description="Fine-tune as in the paper: new zero head, position embeddings resampled to "
@@ -369,11 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the new data (train and test splits)")
     p.add_argument("--image-size", type=int, help="fine-tuning resolution (default: the checkpoint's)")
     p.add_argument("--out", metavar="RUN", help="output directory (default runs/finetune-<time>)")
-    p.add_argument("--lr", default="0.001,0.003,0.01,0.03",
-                   help="learning rate, or comma-separated values to sweep (default: the paper's 0.001,0.003,0.01,0.03)")
-    p.add_argument("--minival", type=float, default=0.02, help="share of train held out to choose the lr (default 0.02)")
+    p.add_argument("--lr", default=",".join(map(str, LR_SWEEP)),
+                   help="learning rate, or comma-separated values to sweep (default: the paper's %(default)s)")
+    p.add_argument("--minival", type=float, default=MINIVAL, help="share of train that chooses the lr (%(default)s)")
     p.add_argument("--freeze", choices=["backbone"], help="train the head only (a linear probe by gradient descent)")
-    p.add_argument("--train-blocks", type=int, metavar="K", help="train only the last K blocks, the final norm and the head")
+    p.add_argument("--train-blocks", type=int, metavar="K",
+                   help="train only the last K blocks, the final norm and the head")
     p.add_argument("--keep-pre-logits", action="store_true", help="keep the pre-trained representation layer")
     p.add_argument("--posemb-mode", choices=["scipy", "bilinear", "bicubic"], default="scipy",
                    help="position-embedding resampling (default scipy: the official corner-aligned linear zoom)")
