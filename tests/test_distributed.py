@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import dist_worker as W
+from helpers import write_cifar
 from vitlab.cli import main
 from vitlab.data import ArrayDataset, DataConfig, Loader
 from vitlab.train import read_metrics, resume
@@ -90,22 +91,6 @@ def test_features_in_order_once_and_exact_totals(two_ranks):
 
 # ---------------------------------------------------------------- `vitlab train` under torchrun
 
-def write_cifar(root: Path, per_batch: int = 16, n_test: int = 21) -> Path:
-    """A tiny CIFAR-10 binary folder (80 train, 21 test: evaluation shares of 11 and 10 images)."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def records(n: int) -> bytes:
-        labels = np.arange(n, dtype=np.uint8) % 10
-        pixels = rng.integers(0, 255, (n, 3 * 32 * 32), dtype=np.uint8)
-        return np.concatenate([labels[:, None], pixels], 1).tobytes()
-
-    for i in range(1, 6):
-        (root / f"data_batch_{i}.bin").write_bytes(records(per_batch))
-    (root / "test_batch.bin").write_bytes(records(n_test))
-    return root
-
-
 TRAIN_ARGS = ["--model", "vit_mu4_32px", "--width", "32", "--depth", "1", "--mlp-dim", "64", "--num-heads", "2",
               "--batch-size", "16", "--accum-steps", "2", "--steps", "12", "--eval-every", "4",
               "--eval-batch-size", "5", "--precision", "fp32", "--threads", "1", "--crop", "none", "--no-hflip",
@@ -128,7 +113,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_torchrun_train_killed_rank_then_resume_in_one_process(tmp_path):
-    data = write_cifar(tmp_path / "cifar-10-batches-bin")
+    data = write_cifar(tmp_path / "cifar-10-batches-bin", n_test=21)  # evaluation shares of 11 and 10
     args = ["train", "--data", str(data), *TRAIN_ARGS]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0  # the reference: one process
 

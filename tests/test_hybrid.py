@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vitlab
 from vitlab.cli import main
 from vitlab.models.hybrid import HybridViT
+from helpers import n_params
 
 # Official vit_jax hybrid configs, 224 px, 1000 classes; equal to timm's ports (same architecture).
 HYBRID_PARAMS = {
@@ -19,10 +20,6 @@ TIMM_NAMES = {"r50_vit_b16": "vit_base_r50_s16_224", "r50_vit_l32": "vit_large_r
 # Tokens (grid) at 224 and 384: R50 (3, 4, 9) is /16; four stages are /32; the stem alone
 # (/4) with 8 x 8 patches is /32 too, as in the official code and timm.
 GRIDS = {"r50_vit_b16": (14, 24), "r50_vit_l32": (7, 12), "r26_vit_s32": (7, 12), "r_vit_ti16": (7, 12)}
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(HYBRID_PARAMS))

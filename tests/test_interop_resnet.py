@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import vitlab
+from helpers import randomise
 from vitlab.cli import main
 from vitlab.interop import export_model, import_model
 from vitlab.models.resnet import standardize_weight
@@ -20,17 +21,6 @@ timm = pytest.importorskip("timm")
 from timm.layers import HybridEmbed, StdConv2d, StdConv2dSame  # noqa: E402
 from timm.models import resnetv2 as timm_resnetv2  # noqa: E402
 from timm.models import vision_transformer as timm_vit  # noqa: E402
-
-
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values everywhere (zero-initialised heads and norms too), norm scales near 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            is_scale = p.ndim == 1 and any(n in name for n in ("norm", "gn")) and name.endswith("weight")
-            p.copy_(1 + 0.1 * noise if is_scale else 0.2 * noise)
-    return module.eval()
 
 
 def images(n=2, size=32, seed=1):

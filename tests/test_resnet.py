@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vitlab
 from vitlab.cli import main
 from vitlab.models.resnet import StdConv2d, pad_same, standardize_weight
+from helpers import n_params
 
 # Official BiT shapes (google-research/big_transfer); equal to timm's resnetv2_{50x1,...}_bit.
 BIT_PARAMS = {  # 1000 classes (BiT-S / ILSVRC-2012 heads), 21843 classes (BiT-M / ImageNet-21k)
@@ -19,10 +20,6 @@ BIT_PARAMS = {  # 1000 classes (BiT-S / ILSVRC-2012 heads), 21843 classes (BiT-M
 }
 TIMM_NAMES = {"bit_r50x1": "resnetv2_50x1_bit", "bit_r50x3": "resnetv2_50x3_bit", "bit_r101x1": "resnetv2_101x1_bit",
               "bit_r101x3": "resnetv2_101x3_bit", "bit_r152x4": "resnetv2_152x4_bit"}
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(BIT_PARAMS))

@@ -16,31 +16,14 @@ from vitlab.data import DataConfig, build_data
 from vitlab.features import cached_features, extract_features
 from vitlab.models import build_model, create_model
 from vitlab.transfer import adapt_model, finetune_config, freeze, load_pretrained
+from helpers import write_cifar
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
 
 
-def write_cifar(root: Path, per_batch: int = 10, n_test: int = 20) -> Path:
-    """A tiny CIFAR-10 binary folder whose classes differ in colour."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-
-    def records(n: int) -> bytes:
-        labels = np.arange(n) % 10
-        pixels = rng.integers(0, 60, (n, 3, 32, 32)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            pixels[i, c % 3] += np.uint8(20 * c)
-        return np.concatenate([labels[:, None].astype(np.uint8), pixels.reshape(n, -1)], 1).tobytes()
-
-    for i in range(1, 6):
-        (root / f"data_batch_{i}.bin").write_bytes(records(per_batch))
-    (root / "test_batch.bin").write_bytes(records(n_test))
-    return root
-
-
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
-    return write_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
+    return write_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin", per_batch=10)
 
 
 def pretrained(path: Path, **kw) -> Path:

@@ -5,6 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab
 from vitlab.models.posemb import resample_posemb, sincos_2d
+from helpers import n_params
 
 PAPER_PARAMS = {  # 1000-class head, no representation layer (paper Table 1, official code)
     "vit_b16": 86_567_656,
@@ -13,10 +14,6 @@ PAPER_PARAMS = {  # 1000-class head, no representation layer (paper Table 1, off
     "vit_ti16": 5_717_416,
     "vit_s16": 22_050_664,
 }
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
