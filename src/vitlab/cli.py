@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 from .config import as_pair
+from .distributed import print0
 from .fewshot import FEATURE_CACHE
 from .transfer import LR_SWEEP, MINIVAL
 from .flops import count_flops
 from .inspect import inspect_checkpoint
 from .models import build_model, get_spec, list_models
+from .train import Interrupted, TrainingDiverged
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -103,9 +105,8 @@ def add_train_options(p: argparse.ArgumentParser) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from scratch (or continue a run): a progress bar, metrics.jsonl, curves.png, checkpoints."""
-    from .distributed import print0  # under torchrun only rank 0 prints
     from .recipes import RECIPES, recipe
-    from .train import BEST_FILE, CURVES_FILE, LAST_FILE, Interrupted, TrainConfig, TrainingDiverged, override
+    from .train import BEST_FILE, CURVES_FILE, LAST_FILE, TrainConfig, override
     from .train import resume, train
 
     if args.list_recipes:
@@ -113,24 +114,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{name:<20}{r.description}\n{'':<20}source: {r.source}")
         return 0
     overrides = {k: getattr(args, k) for k in args.config_options if hasattr(args, k)}
-    try:
-        if args.resume:
-            if args.recipe or args.out:
-                raise ValueError("--resume RUN continues RUN as configured; it takes no --recipe or --out")
-            result = resume(args.resume, **overrides)
-        else:
-            cfg = override(recipe(args.recipe) if args.recipe else TrainConfig(), **overrides)
-            out = args.out or f"runs/{args.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-            result = train(cfg, out)
-    except Interrupted as err:
-        print0(f"vitlab train: {err}", file=sys.stderr)
-        return 128 + err.signum
-    except TrainingDiverged as err:
-        print(f"vitlab train: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
-        print("vitlab train: interrupted", file=sys.stderr)
-        return 130
+    if args.resume:
+        if args.recipe or args.out:
+            raise ValueError("--resume RUN continues RUN as configured; it takes no --recipe or --out")
+        result = resume(args.resume, **overrides)
+    else:
+        cfg = override(recipe(args.recipe) if args.recipe else TrainConfig(), **overrides)
+        out = args.out or f"runs/{args.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = train(cfg, out)
     run = result.run_dir
     if result.eval:
         e = result.eval
@@ -247,7 +238,6 @@ def add_finetune_options(p: argparse.ArgumentParser) -> list[str]:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a checkpoint on new data: lr sweep on a minival, then the chosen lr on all of train."""
-    from .train import Interrupted, TrainingDiverged
     from .transfer import finetune, finetune_config
 
     if args.freeze == "backbone" and args.train_blocks not in (None, 0):
@@ -259,14 +249,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           keep_pre_logits=args.keep_pre_logits, train_blocks=train_blocks, **overrides)
     lrs = parse_list(args.lr, float, "--lr")
     out = args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        result = finetune(cfg, out, lrs, minival=args.minival)
-    except Interrupted as err:
-        print(f"vitlab finetune: {err}", file=sys.stderr)
-        return 128 + err.signum
-    except TrainingDiverged as err:
-        print(f"vitlab finetune: error: {err}", file=sys.stderr)
-        return 1
+    result = finetune(cfg, out, lrs, minival=args.minival)
     if result.sweep:
         print(f"{'lr':>8}{'minival top-1':>16}")
         for s in result.sweep:
@@ -392,6 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"vitlab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # SIGINT / SIGTERM during training: a checkpoint was saved first
+        print0(f"vitlab {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except TrainingDiverged as err:  # NaN / inf: the last good checkpoint is kept
+        print0(f"vitlab {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
