@@ -8,7 +8,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +16,7 @@ import vitlab
 from vitlab.cli import build_parser, main
 from vitlab.data import DataConfig
 from vitlab.recipes import RECIPES, recipe
-from vitlab.train import (TrainConfig, TrainingDiverged, every, load_run_config, override, parse_duration,
+from vitlab.train import (TrainConfig, every, load_run_config, override, parse_duration,
                           read_metrics, resume, steps_for_budget, train)
 from helpers import write_cifar
 
