@@ -50,11 +50,29 @@ class PatchEmbed(nn.Module):
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}x{w} is not divisible by patch size {self.patch_size}")
+        x = x.to(self.proj.weight.dtype)  # images in fp32 work with bf16 weights
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
 
 
+def sdpa_is_faster(x: torch.Tensor) -> bool:
+    """Whether SDPA's fused kernels beat a plain matmul attention for ``x`` (a rule, not a timing).
+
+    GPUs: always. CPUs (measured on AVX-512/bf16 Zen 4): the flash kernel is slower in bf16, and
+    its backward is slower in every dtype, so it is used only for fp32 inference.
+    """
+    if x.device.type != "cpu":
+        return True
+    low_precision = x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+    return not low_precision and not (x.requires_grad and torch.is_grad_enabled())
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention: fused SDPA, or an explicit softmax that can return weights."""
+    """Multi-head self-attention: fused (the fastest kernel for the input), or an explicit softmax.
+
+    ``fused=True`` runs SDPA where :func:`sdpa_is_faster`, else the same matmul attention as the
+    explicit path; ``fused=False`` always runs the explicit path, whose weights pass through
+    ``attn_drop`` (hooks see them) and are what :meth:`attention_weights` returns.
+    """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -78,12 +96,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        if self.fused:
-            q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x)
+        if self.fused and sdpa_is_faster(x):
             p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:
-            q, k, v = self._qkv(x)
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             out = self.attn_drop(attn) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
