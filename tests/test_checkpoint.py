@@ -61,3 +61,16 @@ def test_state_round_trip(tmp_path):
     save_state(state, tmp_path / "s.pt")
     back = load_state(tmp_path / "s.pt")
     assert back["step"] == 3 and torch.equal(back["rng"], state["rng"])
+
+
+def test_atomic_write_gives_usual_permissions(tmp_path):
+    import os
+
+    from vitlab.checkpoint import write_json
+
+    umask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -6,6 +6,7 @@ import sys
 
 from .config import as_pair
 from .flops import count_flops
+from .inspect import inspect_checkpoint
 from .models import build_model, get_spec, list_models
 
 
@@ -20,6 +21,50 @@ def cmd_models(args: argparse.Namespace) -> int:
         tokens = getattr(spec.config, "num_patches", 0) + getattr(spec.config, "num_prefix_tokens", 0)
         gflops = count_flops(model) / 1e9
         print(f"{name:<16}{params:>14,}{gflops:>10.2f}{tokens:>8}  {f'{h}x{w}':<11}{spec.description}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Attention maps for the given images, the paper's Fig. 7 panels, and an HTML report."""
+    report = inspect_checkpoint(
+        args.checkpoint, args.images, args.out, data=args.data, head_fusion=args.head_fusion,
+        discard_ratio=args.discard_ratio, start_layer=args.start_layer, num_images=args.num_images,
+        device=args.device,
+    )
+    print(f"wrote {report}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Import a foreign checkpoint (official / big_vision / timm / hf) into a vitlab model file."""
+    from .interop import convert
+    from .models import model_config
+
+    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("image_size", args.image_size),
+                                   ("mean", args.mean and tuple(args.mean)), ("std", args.std and tuple(args.std)))
+                 if v is not None}
+    like = model_config(args.model) if args.model else None
+    report = convert(args.src, args.dst, args.fmt, like=like, **overrides)
+    print(report)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a vitlab model file to timm (.safetensors/.pth), Hugging Face (folder), .npz or ONNX."""
+    from pathlib import Path
+
+    from .checkpoint import load_model
+    from .interop import export_model, export_onnx
+
+    loaded = load_model(args.checkpoint)
+    if Path(args.dst).suffix == ".onnx":
+        diff = export_onnx(loaded.model, args.dst, dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size,
+                           check=not args.no_check)
+        print(f"wrote {args.dst}" + ("" if args.no_check else f" (onnxruntime vs PyTorch: max abs diff {diff:.2e})"))
+        return 0
+    path = export_model(loaded.model, args.dst, args.to, class_names=loaded.class_names)
+    print(f"wrote {path}")
     return 0
 
 
@@ -49,6 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list model presets with parameters and FLOPs")
     p.add_argument("filter", nargs="?", default="", help="only names containing this")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("inspect", help="attention maps, position-embedding similarity, attention distance, report")
+    p.add_argument("checkpoint", help="model file or run directory")
+    p.add_argument("--images", nargs="+", required=True, help="image files or folders to draw attention maps for")
+    p.add_argument("--data", help="data set (CIFAR dir, image folder) for the mean attention distance (default: the --images)")
+    p.add_argument("--out", required=True, help="output folder for the PNGs and report.html")
+    p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean", help="how rollout fuses heads")
+    p.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of the lowest weights per row")
+    p.add_argument("--start-layer", type=int, default=0, help="first layer of the rollout")
+    p.add_argument("--num-images", type=int, default=128, help="images for the mean attention distance")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="import official/big_vision .npz, timm or Hugging Face weights")
+    p.add_argument("src", help=".npz file, timm .safetensors/.pth, or a Hugging Face folder")
+    p.add_argument("dst", help="the vitlab model file to write (.safetensors)")
+    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("--model", help="check the checkpoint against this preset's architecture")
+    p.add_argument("--num-heads", type=int, help="heads (timm state dicts do not record them)")
+    p.add_argument("--image-size", type=int, help="input size, when the checkpoint cannot tell it")
+    p.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (R G B)")
+    p.add_argument("--std", type=float, nargs=3, help="input normalisation std (R G B)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, official .npz or ONNX")
+    p.add_argument("checkpoint", help="vitlab model file or run directory")
+    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official) or .onnx")
+    p.add_argument("--to", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
+    p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
+    p.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="speed against timm and transformers (needs vitlab[bench])")
     p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")

@@ -80,6 +80,82 @@ class ViTConfig:
         return int(self.class_token)
 
 
+@dataclass(frozen=True, kw_only=True)
+class BiTConfig:
+    """Big Transfer ResNet-v2 (Kolesnikov et al., 2020): pre-activation bottlenecks, GroupNorm
+    and weight-standardised convolutions; defaults follow the official BiT PyTorch code (R50x1)."""
+
+    image_size: int | tuple[int, int] = 224  # the default resolution (any size runs)
+    in_channels: int = 3
+    num_classes: int = 1000  # BiT-S heads; the BiT-M (ImageNet-21k) files have 21843
+    layers: tuple[int, ...] = (3, 4, 6, 3)  # bottleneck units per stage: R50; R101 (3, 4, 23, 3); R152 (3, 8, 36, 3)
+    width_factor: int = 1  # the "x1", "x3", "x4": every width times this
+    stem_width: int = 64  # before width_factor; stage i outputs 4 * stem_width * 2**i channels
+    num_groups: int = 32  # GroupNorm groups
+    gn_eps: float = 1e-5
+    ws_eps: float = 1e-10  # weight standardisation: (w - mean) / sqrt(var + ws_eps), as the official code
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # BiT also maps [0, 1] to [-1, 1]
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if not self.layers or min(self.layers) < 1:
+            raise ValueError(f"layers must be a non-empty tuple of positive unit counts, got {self.layers}")
+        if (self.stem_width * self.width_factor) % self.num_groups:
+            raise ValueError(
+                f"stem_width * width_factor = {self.stem_width * self.width_factor} is not divisible by "
+                f"num_groups {self.num_groups}; use a multiple of {self.num_groups}"
+            )
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Output channels of each stage (the bottleneck is a quarter of it)."""
+        return tuple(4 * self.stem_width * self.width_factor * 2**i for i in range(len(self.layers)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class HybridConfig(ViTConfig):
+    """ResNet + ViT hybrid (paper section 3.1): a ResNet stem and stages make the feature map
+    whose ``patch_size`` x ``patch_size`` patches (1 x 1 for R50) are the tokens. The ResNet is
+    the official ``vit_jax`` one: post-activation bottlenecks, GroupNorm, weight-standardised
+    convolutions, TF "SAME" padding; stage 1 has stride 1, each later stage 2."""
+
+    patch_size: int = 1  # on the feature map, not the image
+    resnet_layers: tuple[int, ...] = (3, 4, 9)  # () is the stem alone (R+ViT-Ti/16)
+    resnet_width: int = 64  # stem width; stage i outputs 4 * resnet_width * 2**i channels
+    num_groups: int = 32
+    gn_eps: float = 1e-6  # flax GroupNorm's default, as the official code
+    # The official code divides by (std + 1e-5); timm's port of its weights uses sqrt(var + 1e-8).
+    ws_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resnet_layers and min(self.resnet_layers) < 1:
+            raise ValueError(f"resnet_layers must hold positive unit counts (or be () for the stem alone), got {self.resnet_layers}")
+        h, w = as_pair(self.image_size)
+        s = self.feature_stride * self.patch_size
+        if h % s or w % s:
+            raise ValueError(f"image_size {h}x{w} is not divisible by {s} (ResNet stride x patch_size); use a multiple of {s}")
+        if self.resnet_width % self.num_groups:
+            raise ValueError(f"resnet_width {self.resnet_width} is not divisible by num_groups {self.num_groups}")
+
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per feature-map cell: 4 for the stem, then x2 for each stage after the first."""
+        return 4 * 2 ** max(len(self.resnet_layers) - 1, 0)
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the ResNet feature map that is cut into patches."""
+        n = len(self.resnet_layers)
+        return 4 * self.resnet_width * 2 ** (n - 1) if n else self.resnet_width
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = as_pair(self.image_size)
+        s = self.feature_stride * self.patch_size
+        return (h // s, w // s)
+
+
 def replace_checked(cfg: C, **overrides: Any) -> C:
     """``dataclasses.replace`` that names an unknown field and the nearest valid ones."""
     names = [f.name for f in dataclasses.fields(cfg)]  # type: ignore[arg-type]

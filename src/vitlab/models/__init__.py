@@ -9,6 +9,8 @@ from typing import Any
 from torch import nn
 
 from ..config import replace_checked
+from .hybrid import HybridViT, hybrid_config
+from .resnet import ResNetV2, bit_config
 from .vit import VisionTransformer, vit_config
 
 
@@ -89,5 +91,15 @@ for _size in ("Mu", "Ti", "S"):
         f"ViT-{_size}/4 for 32-px images",
     )
 
-__all__ = ["ModelSpec", "VisionTransformer", "build_model", "config_type", "create_model", "get_spec", "list_models",
-           "model_config", "register", "vit_config"]
+# Big Transfer ResNet-v2 baselines (the paper's BiT-L shapes), 1000 classes.
+for _depth, _wf in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 4)):
+    register(f"bit_r{_depth}x{_wf}", bit_config(_depth, _wf), ResNetV2, f"BiT ResNet-v2 R{_depth}x{_wf}")
+
+# Hybrids (paper Table 1 footnote, official vit_jax configs): ResNet features, then a ViT.
+register("r50_vit_b16", hybrid_config("B/1", (3, 4, 9)), HybridViT, "R50+ViT-B/16 hybrid, ResNet stages (3, 4, 9)")
+register("r50_vit_l32", hybrid_config("L/1", (3, 4, 6, 3)), HybridViT, "R50+ViT-L/32 hybrid, ResNet stages (3, 4, 6, 3)")
+register("r26_vit_s32", hybrid_config("S/1", (2, 2, 2, 2)), HybridViT, "R26+ViT-S/32 hybrid, ResNet stages (2, 2, 2, 2)")
+register("r_vit_ti16", hybrid_config("Ti/8", ()), HybridViT, "R+ViT-Ti/16 hybrid: ResNet stem, 8x8 patches")
+
+__all__ = ["HybridViT", "ModelSpec", "ResNetV2", "VisionTransformer", "bit_config", "build_model", "config_type",
+           "create_model", "get_spec", "hybrid_config", "list_models", "model_config", "register", "vit_config"]

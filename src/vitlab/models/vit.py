@@ -158,7 +158,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.width
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = self._make_patch_embed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_prefix_tokens + cfg.num_patches, d))
         self.pos_drop = nn.Dropout(cfg.dropout)
@@ -169,6 +169,11 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(cfg.representation_size or d, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.init_weights()
+
+    @staticmethod
+    def _make_patch_embed(cfg: ViTConfig) -> nn.Module:
+        """Images -> (B, N, D) tokens; the hybrid overrides this with a ResNet."""
+        return PatchEmbed(cfg)
 
     @staticmethod
     def _make_pre_logits(cfg: ViTConfig) -> nn.Module:

@@ -1,0 +1,48 @@
+"""The data configuration: where the images are, how they are split, preprocessed and augmented."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CROPS = ("auto", "pad", "rrc", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Data source and preprocessing; defaults follow the paper (inputs in [-1, 1])."""
+
+    path: str = "cifar10"  # a CIFAR dir (binary or python layout), an image folder, or "cifar10"/"cifar100"
+    image_size: int = 32  # model input resolution
+    val_split: float = 0.0  # fraction of train held out as val (stratified, seeded); 0: the folder's own
+    seed: int = 0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # (0.5, 0.5) maps [0, 1] to [-1, 1]
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop: str = "auto"  # "auto" (pad for <= 32 px, rrc above), "pad", "rrc", "none"
+    crop_padding: int = 4
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    randaugment_n: int = 0  # RandAugment(N, M); N = 0 disables
+    randaugment_m: int = 9
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
+    cutmix: float = 0.0
+    num_workers: int = 0  # worker processes for streamed folders
+    cache_dir: str = "~/.cache/vitlab"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.image_size >= 1, "image_size must be a positive number of pixels"),
+            (0.0 <= self.val_split < 1.0, "val_split must be in [0, 1)"),
+            (self.seed >= 0, "seed must be a non-negative integer"),
+            (len(self.mean) == 3 and len(self.std) == 3 and all(s > 0 for s in self.std),
+             "mean and std need 3 values each, std positive"),
+            (self.crop in CROPS, f"crop must be one of {CROPS}"),
+            (self.crop_padding >= 0, "crop_padding must be >= 0"),
+            (len(self.rrc_scale) == 2 and 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0,
+             "rrc_scale must be (min, max) with 0 < min <= max <= 1"),
+            (self.randaugment_n >= 0 and 0 <= self.randaugment_m <= 30,
+             "randaugment_n must be >= 0 and randaugment_m in [0, 30]"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0 disables)"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid DataConfig: {message} (got {self})")

@@ -1,0 +1,65 @@
+"""Image files and single-image transforms: decode to RGB, resize + centre crop, normalise."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision.transforms import v2
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def is_image_file(name: str | os.PathLike) -> bool:
+    """True for the extensions read here (JPEG, PNG, WebP, BMP), case-insensitive."""
+    return str(name).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` fully to RGB with EXIF orientation applied; ValueError if unreadable."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("P", "PA", "LA", "La") or "transparency" in img.info:
+                img = img.convert("RGBA")  # palette / alpha: go through RGBA, then drop alpha
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # any decoder failure (truncated, corrupt, bad EXIF, bomb) is one kind
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def to_uint8_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB -> uint8 (3, H, W)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def resize_center_crop(x: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """uint8 (..., C, H, W): resize (antialiased) so the image covers ``size``, crop the centre."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if x.shape[-2:] != (h, w):
+        scale = max(h / x.shape[-2], w / x.shape[-1])
+        covered = [max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale))]
+        if covered != list(x.shape[-2:]):
+            x = v2.functional.resize(x, covered, antialias=True)
+        x = v2.functional.center_crop(x, [h, w])
+    return x
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std``."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    return x.float().mul_(scale).sub_(shift)
+
+
+def eval_transform(image_size: int | tuple[int, int], mean: Sequence[float] = (0.5, 0.5, 0.5),
+                   std: Sequence[float] = (0.5, 0.5, 0.5)) -> Callable[[Image.Image], Tensor]:
+    """The evaluation preprocessing of one image: RGB PIL -> normalised float (3, S, S)."""
+    def transform(img: Image.Image) -> Tensor:
+        return normalize(resize_center_crop(to_uint8_tensor(img.convert("RGB")), image_size), mean, std)
+    return transform

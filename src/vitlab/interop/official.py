@@ -1,0 +1,215 @@
+"""The paper's released ``.npz`` checkpoints (google-research/vision_transformer) and big_vision's.
+
+Both are Flax parameter trees flattened with ``/``. They differ in a few module names and in
+where the position embedding lives:
+
+==================  ====================================  =================================
+                    official (``vit_jax/models_vit.py``)  big_vision (``models/vit.py``)
+==================  ====================================  =================================
+key prefix          none (old files: ``opt/target/``)     ``params/``
+position embedding  ``Transformer/posembed_input/``       ``pos_embedding``, no [class]
+                    ``pos_embedding``, [class] slot first slot (added before [class])
+attention           ``MultiHeadDotProductAttention_1``    ``MultiHeadDotProductAttention_0``
+second LayerNorm    ``LayerNorm_2``                       ``LayerNorm_1``
+MLP                 ``MlpBlock_3``                        ``MlpBlock_0``
+==================  ====================================  =================================
+
+Numerics of both: ``nn.gelu`` is the tanh approximation, LayerNorm eps 1e-6, inputs in [-1, 1],
+position embeddings resampled with ``scipy.ndimage.zoom(order=1)`` (vitlab's ``"scipy"`` mode).
+
+Extension point for the R50+ViT hybrid files (``conv_root``, ``gn_root``,
+``block{s}/unit{u}/{conv,gn}{1,2,3}``, ``conv_proj``, ``gn_proj``, then a 1x1 ``embedding``):
+register a function ``cfg -> list[Entry]`` for the hybrid's config type in
+``STEM_KEY_MAPS``; ``key_map`` appends its entries to the encoder's, and ``config_fields``
+must learn the ResNet widths and depths from ``block{s}/unit{u}`` counts.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ViTConfig, as_pair
+from ..models.posemb import sincos_2d
+from .files import read_npz
+from .keymap import (Entry, conv_from_hwio, conv_to_hwio, dense, flatten, fused, one, out_kernel_in, out_kernel_out,
+                     qkv_kernel_in, qkv_kernel_out, unflatten)
+
+NAMES = {
+    "official": dict(posemb="Transformer/posembed_input/pos_embedding", attn="MultiHeadDotProductAttention_1",
+                     ln2="LayerNorm_2", mlp="MlpBlock_3"),
+    "big_vision": dict(posemb="pos_embedding", attn="MultiHeadDotProductAttention_0", ln2="LayerNorm_1",
+                       mlp="MlpBlock_0"),
+}
+PREFIXES = ("params/img/", "params/", "opt/target/")
+
+# Config type name -> extra entries for a convolutional stem (the R50 hybrid registers here).
+STEM_KEY_MAPS: dict[str, Callable[[Any], list[Entry]]] = {}
+
+
+@dataclass
+class NpzSource:
+    """The arrays of an ``.npz`` checkpoint with the prefix removed, and what was done to read them."""
+
+    path: Path
+    flavour: str  # "official" or "big_vision"
+    tensors: dict[str, torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+
+
+def _unstack_scanned(tensors: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    """big_vision ``scan=True`` files stack all blocks under ``Transformer/encoderblock/``: split them."""
+    stacked = [k for k in tensors if k.startswith("Transformer/encoderblock/")]
+    if not stacked:
+        return tensors
+    depth = tensors[stacked[0]].shape[0]
+    out = {k: v for k, v in tensors.items() if k not in stacked}
+    for key in stacked:
+        for i in range(depth):
+            out[key.replace("encoderblock/", f"encoderblock_{i}/")] = tensors[key][i]
+    notes.append(f"split the {depth} scanned (stacked) encoder blocks into encoderblock_0..{depth - 1}")
+    return out
+
+
+def read(path: str | Path, flavour: str | None = None) -> NpzSource:
+    """Read an official or big_vision ``.npz``; ``flavour`` None detects it from the module names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    tensors = read_npz(path)
+    notes: list[str] = []
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix + "embedding/") for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            notes.append(f"read the parameters under {prefix!r}")
+            break
+    tensors = _unstack_scanned(tensors, notes)
+    if flavour is None:
+        flavour = detect_flavour(tensors)
+        if flavour is None:
+            raise ValueError(f"{path} is not an official or big_vision ViT .npz (no encoderblock_0 attention "
+                             f"found among {sorted(tensors)[:6]}); pick the format with --from")
+    return NpzSource(path, flavour, tensors, notes)
+
+
+def detect_flavour(tensors: dict[str, torch.Tensor]) -> str | None:
+    """"official" or "big_vision" from the attention module's name in the first block; None if neither."""
+    for flavour, names in NAMES.items():
+        if f"Transformer/encoderblock_0/{names['attn']}/query/kernel" in tensors:
+            return flavour
+    return None
+
+
+def _need(src: NpzSource, key: str) -> torch.Tensor:
+    if key not in src.tensors:
+        raise ValueError(f"{src.path} is not a {src.flavour} ViT checkpoint: it has no {key!r} "
+                         f"(keys: {', '.join(sorted(src.tensors)[:6])}, ...); pick the format with --from")
+    return src.tensors[key]
+
+
+def config_fields(src: NpzSource, image_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+    """The ``ViTConfig`` fields the arrays imply (shapes), plus the JAX code's numerics."""
+    if "conv_root/kernel" in src.tensors:
+        raise ValueError(f"{src.path} is an R50+ViT hybrid checkpoint; vitlab imports the hybrid once "
+                         f"models/hybrid.py registers its stem in vitlab.interop.official.STEM_KEY_MAPS")
+    names = NAMES[src.flavour]
+    kernel = _need(src, "embedding/kernel")  # (P, P, C, D)
+    if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(f"{src.path}: embedding/kernel has shape {tuple(kernel.shape)}, expected (P, P, C, D)")
+    patch, _, channels, width = kernel.shape
+    depth = 1 + max(int(m.group(1)) for k in src.tensors if (m := re.match(r"Transformer/encoderblock_(\d+)/", k)))
+    block = "Transformer/encoderblock_0/"
+    query = _need(src, f"{block}{names['attn']}/query/kernel")  # (D, heads, head_dim)
+    class_token = "cls" in src.tensors
+    fields: dict[str, Any] = dict(
+        patch_size=patch, in_channels=channels, width=width, depth=depth, num_heads=query.shape[1],
+        mlp_dim=_need(src, f"{block}{names['mlp']}/Dense_0/kernel").shape[1],
+        class_token=class_token, pool="token" if class_token else "gap",
+        qkv_bias=f"{block}{names['attn']}/query/bias" in src.tensors,
+        representation_size=src.tensors["pre_logits/kernel"].shape[1] if "pre_logits/kernel" in src.tensors else None,
+        num_classes=src.tensors["head/bias"].shape[0] if "head/bias" in src.tensors else 0,
+        gelu="tanh", layer_norm_eps=1e-6, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), posemb_mode="scipy",
+    )
+    if image_size is not None:
+        fields["image_size"] = image_size
+    elif names["posemb"] in src.tensors:
+        slots = src.tensors[names["posemb"]].shape[1] - (class_token and src.flavour == "official")
+        side = math.isqrt(slots)
+        if side * side != slots:
+            raise ValueError(f"{src.path}: {slots} position embeddings are not a square grid; pass image_size=(h, w)")
+        fields["image_size"] = side * patch
+    else:
+        fields["image_size"] = 224
+    return fields
+
+
+def fill_sincos(src: NpzSource, cfg: ViTConfig) -> None:
+    """big_vision ``posemb="sincos2d"`` stores no position embedding: write the fixed table it uses."""
+    if src.flavour == "big_vision" and "pos_embedding" not in src.tensors:
+        src.tensors["pos_embedding"] = sincos_2d(cfg.grid_size, cfg.width)[None]
+        src.notes.append(f"no pos_embedding: big_vision posemb='sincos2d' assumed, filled for a "
+                         f"{as_pair(cfg.image_size)} input (pass image_size to choose another)")
+
+
+def _linear(ours: str, theirs: str) -> list[Entry]:
+    return [one(f"{ours}.weight", f"{theirs}/kernel", dense, dense), one(f"{ours}.bias", f"{theirs}/bias")]
+
+
+def _norm(ours: str, theirs: str) -> list[Entry]:
+    return [one(f"{ours}.weight", f"{theirs}/scale"), one(f"{ours}.bias", f"{theirs}/bias")]
+
+
+def _posemb(cfg: ViTConfig, flavour: str) -> list[Entry]:
+    if flavour == "official":
+        return ([one("cls_token", "cls")] if cfg.class_token else []) + [one("pos_embed", NAMES[flavour]["posemb"])]
+    if not cfg.class_token:
+        return [one("pos_embed", "pos_embedding")]
+    # big_vision adds the position embedding before the [class] token: its slot is zero here,
+    # and on export cls + pos_embed[0] is what the [class] token receives.
+    return [Entry(
+        ("cls_token", "pos_embed"), ("cls", "pos_embedding"),
+        lambda ts: [ts[0], torch.cat([torch.zeros_like(ts[0]), ts[1]], dim=1)],
+        lambda ts: [ts[0] + ts[1][:, :1], ts[1][:, 1:]],
+    )]
+
+
+def key_map(cfg: ViTConfig, flavour: str) -> list[Entry]:
+    """The table vitlab key <-> ``flavour`` key, with the exact transform of each tensor."""
+    names = NAMES[flavour]
+    heads, d = cfg.num_heads, cfg.width
+    entries = [one("patch_embed.proj.weight", "embedding/kernel", conv_from_hwio, conv_to_hwio),
+               one("patch_embed.proj.bias", "embedding/bias"), *_posemb(cfg, flavour)]
+    entries += STEM_KEY_MAPS.get(type(cfg).__name__, lambda c: [])(cfg)
+    for i in range(cfg.depth):
+        ours, theirs = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        attn = f"{theirs}{names['attn']}/"
+        entries += _norm(ours + "norm1", theirs + "LayerNorm_0")
+        entries.append(fused(ours + "attn.qkv.weight", [f"{attn}{n}/kernel" for n in ("query", "key", "value")],
+                             qkv_kernel_in, qkv_kernel_out(heads)))
+        if cfg.qkv_bias:
+            entries.append(fused(ours + "attn.qkv.bias", [f"{attn}{n}/bias" for n in ("query", "key", "value")],
+                                 flatten, unflatten(heads, d // heads)))
+        entries += [one(ours + "attn.proj.weight", f"{attn}out/kernel", out_kernel_in, out_kernel_out(heads)),
+                    one(ours + "attn.proj.bias", f"{attn}out/bias")]
+        entries += _norm(ours + "norm2", f"{theirs}{names['ln2']}")
+        entries += _linear(ours + "mlp.fc1", f"{theirs}{names['mlp']}/Dense_0")
+        entries += _linear(ours + "mlp.fc2", f"{theirs}{names['mlp']}/Dense_1")
+    entries += _norm("norm", "Transformer/encoder_norm")
+    if cfg.representation_size:
+        entries += _linear("pre_logits.0", "pre_logits")
+    if cfg.num_classes:
+        entries += _linear("head", "head")
+    return entries
+
+
+def check_exportable(cfg: ViTConfig, flavour: str) -> None:
+    """Refuse what the JAX model cannot express (it would load but compute something else)."""
+    if cfg.class_token and cfg.pool == "gap":
+        raise ValueError(f"the {flavour} ViT has no [class] token with pool='gap'; this model uses both")
+    if not cfg.qkv_bias:
+        raise ValueError(f"the {flavour} ViT always has query/key/value biases; this model has qkv_bias=False")
