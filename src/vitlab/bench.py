@@ -64,8 +64,8 @@ FULL_CASES = tuple(
 ) + tuple(Case(model="vit_ti4_32px", batch=128, dtype=d, train=True) for d in ("fp32", "bf16"))
 QUICK_CASES = (
     Case(model="vit_s16", batch=1, dtype="bf16"),
-    Case(model="vit_s16", batch=32, dtype="bf16"),
-    Case(model="vit_ti4_32px", batch=128, dtype="bf16", train=True),
+    Case(model="vit_s16", batch=8, dtype="bf16"),
+    Case(model="vit_ti4_32px", batch=32, dtype="bf16", train=True),
 )
 
 
@@ -247,12 +247,10 @@ def _memory_probe(arg: str) -> int:
     case = Case(**spec["case"])
     step = _build(spec["variant"], case, make_inputs(case))
     step()
-    step()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    for _ in range(2):
-        step()
+    step()
     return _proc_status("VmHWM")
 
 
@@ -291,10 +289,50 @@ def run_case(case: Case, *, rounds: int, target_s: float, threads: int, compile:
     gc.collect()
     rows = []
     for variant, s in seconds.items():
-        rss = measure_memory(case, variant, threads) / 2**20 if memory else None
+        # Memory where the targets need it (bf16); a compiled variant would compile again.
+        measured = memory and case.dtype == "bf16" and variant != "timm torch.compile"
+        rss = measure_memory(case, variant, threads) / 2**20 if measured else None
         gflops = case.flops / s / 1e9
         rows.append(Row(variant, s, gflops, gflops / peak, rss))
     return CaseResult(case, peak, rows)
+
+
+def run_epoch(data_path: str, *, batch: int = 128, dtype: str = "bf16", max_batches: int = 0,
+              log: Callable[[str], None] = print) -> str:
+    """vitlab's training step fed by ``vitlab.data``'s Loader (CIFAR-10, pad-crop + flip on).
+
+    Each batch's wait for the loader (reading, augmenting, normalising) and its training step are
+    timed separately, so the data overhead is a ratio from the same batches. ``max_batches`` > 0
+    stops early (the report says so).
+    """
+    from .data import DataConfig, Loader, build_data
+
+    cfg = DataConfig(path=data_path, image_size=32)
+    data = build_data(cfg, log=lambda msg: None)
+    loader = Loader(data.train, cfg, batch_size=batch, train=True, num_classes=data.num_classes)
+    model = VisionTransformer(model_config("vit_ti4_32px", num_classes=data.num_classes))
+    opt = _vitlab_optimizer(model)
+    total = min(max_batches, len(loader)) if max_batches else len(loader)
+    log(f"epoch: {total} of {len(loader)} batches of {batch} ({data.source})")
+    wait = compute = 0.0
+    batches = loader.epoch(0)
+    for i in range(total):
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        t1 = time.perf_counter()
+        train_step(model, opt, Inputs(images, labels), autocast=dtype == "bf16")()
+        t2 = time.perf_counter()
+        if i >= 2:  # the first steps warm up the allocator
+            wait, compute = wait + t1 - t0, compute + t2 - t1
+    n = (total - 2) * batch
+    scope = "the whole epoch" if total == len(loader) else f"the first {total} of {len(loader)} batches"
+    return (f"#### vit_ti4_32px end-to-end epoch, batch {batch} {dtype}, CIFAR-10 train with augmentation "
+            f"(pad-crop 4 + flip), {scope}\n\n"
+            "| | images/s | share of time |\n|---|---:|---:|\n"
+            f"| loader (read, augment, normalise) | {n / wait:.0f} | {100 * wait / (wait + compute):.1f}% |\n"
+            f"| training step | {n / compute:.1f} | {100 * compute / (wait + compute):.1f}% |\n"
+            f"| end to end | {n / (wait + compute):.1f} | slower than the bare step by "
+            f"{100 * wait / compute:.1f}% |\n")
 
 
 def machine() -> dict[str, str]:
@@ -370,21 +408,23 @@ def format_targets(results: list[CaseResult]) -> str:
 
 
 def run(cases: tuple[Case, ...], *, rounds: int, target_s: float, threads: int = 2, compile: bool = True,
-        memory: bool = True, log: Callable[[str], None] = print) -> str:
-    """Run ``cases`` and return the markdown report (machine, load, tables, targets)."""
+        memory: bool = True, data: str | None = None, epoch_batches: int = 0,
+        log: Callable[[str], None] = print) -> str:
+    """Run ``cases`` (and the epoch on ``data`` if given); return the markdown report."""
     torch.set_num_threads(threads)
     info = machine()
     load_before = load_average()
     log(f"load average before: {load_before}")
     results = [run_case(c, rounds=rounds, target_s=target_s, threads=threads, compile=compile, memory=memory, log=log)
                for c in cases]
+    epoch = run_epoch(data, max_batches=epoch_batches, log=log) if data else ""
     load_after = load_average()
     head = [f"- machine: {info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), {threads} threads",
             f"- versions: python {info['python']}, torch {info['torch']}, timm {info['timm']}, "
             f"transformers {info['transformers']}",
             f"- date: {info['date']}; rounds: {rounds}, ~{target_s:g} s per timing; "
             f"load average (1, 5, 15 min) before {load_before}, after {load_after}"]
-    body = [format_case(r) for r in results]
+    body = [format_case(r) for r in results] + ([epoch] if epoch else [])
     return "\n".join(head) + "\n\n" + "\n\n".join(body) + "\n\n#### Targets\n\n" + format_targets(results) + "\n"
 
 

@@ -76,9 +76,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cases = tuple(c for c in cases if args.cases in c.name)
     if not cases:
         raise ValueError(f"no benchmark case matches {args.cases!r}; see `vitlab bench --help`")
-    rounds = args.rounds or (3 if args.quick else 7)
-    report = bench.run(cases, rounds=rounds, target_s=0.3 if args.quick else 1.0, threads=args.threads,
+    rounds = args.rounds or (3 if args.quick else 5)
+    report = bench.run(cases, rounds=rounds, target_s=0.3 if args.quick else 0.5, threads=args.threads,
                        compile=not (args.quick or args.no_compile), memory=not (args.quick or args.no_memory),
+                       data=args.data, epoch_batches=args.epoch_batches,
                        log=lambda msg: print(msg, file=sys.stderr))
     print(report)
     if args.out:
@@ -130,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed against timm and transformers (needs vitlab[bench])")
     p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")
     p.add_argument("--cases", default="", help="only cases whose name contains this, e.g. 'vit_s16' or 'train'")
-    p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 7, quick 3)")
+    p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every variant")
     p.add_argument("--no-compile", action="store_true", help="leave out timm + torch.compile")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
+    p.add_argument("--data", help="CIFAR-10 folder: also time an end-to-end training epoch on it")
+    p.add_argument("--epoch-batches", type=int, default=0, help="stop the epoch after this many batches (0: all)")
     p.add_argument("--out", help="also write the markdown report to this file")
     p.set_defaults(func=cmd_bench)
     return parser
