@@ -243,6 +243,11 @@ def measure_memory(case: Case, variant: str, threads: int) -> int:
 
 def _memory_probe(arg: str) -> int:
     spec = json.loads(arg)
+    for lib in ("timm", "transformers"):  # every variant carries the same library code
+        try:
+            __import__(lib)
+        except ImportError:
+            pass
     torch.set_num_threads(spec["threads"])
     case = Case(**spec["case"])
     step = _build(spec["variant"], case, make_inputs(case))
