@@ -332,7 +332,7 @@ def run_epoch(data_path: str, *, batch: int = 128, dtype: str = "bf16", max_batc
     n = (total - 2) * batch
     scope = "the whole epoch" if total == len(loader) else f"the first {total} of {len(loader)} batches"
     return (f"#### vit_ti4_32px end-to-end epoch, batch {batch} {dtype}, CIFAR-10 train with augmentation "
-            f"(pad-crop 4 + flip), {scope}\n\n"
+            f"(pad-crop 4 + flip), {scope} (the first 2 warm up and are not counted)\n\n"
             "| | images/s | share of time |\n|---|---:|---:|\n"
             f"| loader (read, augment, normalise) | {n / wait:.0f} | {100 * wait / (wait + compute):.1f}% |\n"
             f"| training step | {n / compute:.1f} | {100 * compute / (wait + compute):.1f}% |\n"
