@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= $(firstword $(wildcard ../shared/data/cifar-10-batches-bin) cifar10)
+ifndef RUN  # the demo's run directory, one per invocation
+RUN    := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 
 .PHONY: demo test install clean
 
@@ -17,8 +20,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# Train a small ViT on CIFAR-10 for a few minutes, evaluate it on the test set, show the plots.
 demo: install
-	$(VENV)/bin/vitlab models vit_
+	$(VENV)/bin/vitlab train --recipe demo --data $(DATA) --out $(RUN)
+	$(VENV)/bin/vitlab eval $(RUN)/last.safetensors --data $(DATA)
+	@echo "plots: $(RUN)/curves.png $(RUN)/confusion_test.png"
 
 test: install
 	$(PY) -m pytest -q

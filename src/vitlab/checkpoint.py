@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 from torch import nn
 
-from .config import from_dict, to_dict
+from .config import as_pair, from_dict, to_dict
 from .models import build_model, config_type
 
 MODEL_FILE = "model.safetensors"
@@ -64,6 +64,16 @@ class LoadedModel:
     @property
     def config(self) -> Any:
         return self.model.cfg
+
+    @property
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        """The model's eval transform: PIL image -> resized, centre-cropped, normalised (3, S, S)."""
+        from .data import eval_transform  # data imports torchvision; only load it when asked
+
+        h, w = as_pair(self.config.image_size)
+        if h != w:
+            raise ValueError(f"preprocess needs a square input size; the model takes {h}x{w}")
+        return eval_transform(h, self.config.mean, self.config.std)
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, *, class_names: list[str] | None = None,

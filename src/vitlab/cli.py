@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
 from .config import as_pair
 from .flops import count_flops
@@ -52,8 +55,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a vitlab model file to timm (.safetensors/.pth), Hugging Face (folder), .npz or ONNX."""
-    from pathlib import Path
-
     from .checkpoint import load_model
     from .interop import export_model, export_onnx
 
@@ -65,6 +66,123 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     path = export_model(loaded.model, args.dst, args.to, class_names=loaded.class_names)
     print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- train / eval / predict
+
+def _model_config_types() -> list[type]:
+    """The config classes of all registered models (their fields become model options)."""
+    types: list[type] = []
+    for name in list_models():
+        t = type(get_spec(name).config)
+        if t not in types:
+            types.append(t)
+    return types
+
+
+def add_train_options(p: argparse.ArgumentParser) -> list[str]:
+    """One option per config field: TrainConfig, OptimConfig, DataConfig and the model configs."""
+    from .data import DataConfig
+    from .optim import OptimConfig
+    from .options import add_options
+    from .train import DERIVED_DATA_FIELDS, TrainConfig
+
+    names = add_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
+    names += add_options(p.add_argument_group("optimisation (OptimConfig)"), OptimConfig)
+    names += add_options(p.add_argument_group("data (DataConfig)"), DataConfig, exclude=DERIVED_DATA_FIELDS,
+                         rename={"path": "data"})
+    group = p.add_argument_group("model (fields of the model's config; image size, mean and std also set the data's)")
+    for cls in _model_config_types():
+        names += add_options(group, cls, exclude=("num_classes", "in_channels", *names))
+    return names
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train from scratch (or continue a run): a progress bar, metrics.jsonl, curves.png, checkpoints."""
+    from .recipes import RECIPES, recipe
+    from .train import BEST_FILE, CURVES_FILE, LAST_FILE, Interrupted, TrainConfig, TrainingDiverged, override
+    from .train import resume, train
+
+    if args.list_recipes:
+        for name, r in RECIPES.items():
+            print(f"{name:<20}{r.description}\n{'':<20}source: {r.source}")
+        return 0
+    overrides = {k: getattr(args, k) for k in args.config_options if hasattr(args, k)}
+    try:
+        if args.resume:
+            if args.recipe or args.out:
+                raise ValueError("--resume RUN continues RUN as configured; it takes no --recipe or --out")
+            result = resume(args.resume, **overrides)
+        else:
+            cfg = override(recipe(args.recipe) if args.recipe else TrainConfig(), **overrides)
+            out = args.out or f"runs/{args.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+            result = train(cfg, out)
+    except Interrupted as err:
+        print(f"vitlab train: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except TrainingDiverged as err:
+        print(f"vitlab train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
+        print("vitlab train: interrupted", file=sys.stderr)
+        return 130
+    run = result.run_dir
+    if result.eval:
+        e = result.eval
+        print(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
+              f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
+    print(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
+    print(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Top-1, top-5, per-class accuracy and a confusion-matrix PNG for a checkpoint or run."""
+    from .evaluate import evaluate_checkpoint
+    from .plots import plot_confusion
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    result, split = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split,
+                                        batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                        progress=not args.json, log=log)
+    target = Path(args.checkpoint)
+    folder = target if target.is_dir() else target.parent
+    png = plot_confusion(result.confusion, result.class_names, folder / f"confusion_{split}.png",
+                         title=f"{target.name}: {split} top-1 {100 * result.top1:.2f}%")
+    if args.json:
+        print(json.dumps({"checkpoint": str(target), "split": split, **result.to_dict(), "confusion_png": str(png)}))
+        return 0
+    print(f"{'class':<24}{'accuracy':>10}{'images':>9}")
+    for name, acc, n in zip(result.class_names, result.per_class, result.confusion.sum(1).tolist()):
+        print(f"{name:<24}{'-' if acc is None else f'{100 * acc:.2f}%':>10}{n:>9}")
+    print(f"{split}: {result.num_images} images, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}%, "
+          f"loss {result.loss:.4f}")
+    print(f"confusion matrix: {png}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k labels with probabilities per image; a directory writes every image's row to CSV."""
+    from .checkpoint import load_model
+    from .predict import image_files, predict, write_csv
+    from .train import resolve_device
+
+    loaded = load_model(args.checkpoint, map_location=resolve_device(args.device))
+    files, any_dir = image_files(args.images)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    predictions = predict(loaded, files, top_k=args.top_k, batch_size=args.batch_size, skip_unreadable=any_dir,
+                          log=log)
+    if any_dir or args.output:
+        if args.output:
+            with open(args.output, "w", newline="") as f:
+                write_csv(predictions, f)
+            log(f"wrote {len(predictions)} predictions to {args.output}")
+        else:
+            write_csv(predictions, sys.stdout)
+        return 0
+    for p in predictions:
+        print(f"{p.path}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probs)))
     return 0
 
 
@@ -127,6 +245,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
     p.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("train", help="train a model from scratch (or --resume a run)", allow_abbrev=False,
+                       description="Train from scratch. Every config field is an option; a recipe sets the "
+                                   "starting values. Writes config.json, metrics.jsonl, curves.png, "
+                                   "last/best.safetensors and state.pt into the run directory.")
+    p.add_argument("--recipe", help="start from a named recipe (see --list-recipes)")
+    p.add_argument("--out", metavar="RUN", help="run directory (default runs/<recipe>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly")
+    p.add_argument("--list-recipes", action="store_true", help="list the recipes and their sources")
+    p.set_defaults(func=cmd_train, config_options=add_train_options(p))
+
+    p = sub.add_parser("eval", help="top-1/top-5/per-class accuracy and a confusion matrix", allow_abbrev=False)
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--data", help="data path (default: the run's data)")
+    p.add_argument("--split", choices=["test", "val", "train"], help="default: test if the data has one, else val")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k labels with probabilities for images", allow_abbrev=False)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model file or run directory")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or directories (-> CSV)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--output", metavar="CSV", help="write CSV here (a directory argument prints CSV by default)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
 
     p = sub.add_parser("bench", help="speed against timm and transformers (needs vitlab[bench])")
     p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import vitlab
+from vitlab.cli import main
+from vitlab.evaluate import evaluate, evaluate_checkpoint
+from vitlab.plots import plot_confusion
+from vitlab.predict import image_files, predict, write_csv
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits stored for each input index (inputs carry the index in x[:, 0, 0, 0])."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[x[:, 0, 0, 0].long()]
+
+
+def test_metrics_on_known_predictions():
+    # 3 classes; class 2 never occurs. Predictions (top-1): 0->0, 0->1, 1->1, 1->1, 1->0.
+    logits = torch.tensor([[3.0, 2, 1], [2, 3, 1], [1, 3, 2], [0, 3, 2], [3, 1, 2]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    x = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    batches = [(x[:3], labels[:3]), (x[3:], labels[3:])]
+    r = evaluate(FixedLogits(logits), batches, class_names=["a", "b", "c"])
+    assert r.num_images == 5 and r.top1 == pytest.approx(3 / 5)
+    assert r.top5 == 1.0  # 3 classes: top-5 is every class
+    assert r.confusion.tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]
+    assert r.per_class == [pytest.approx(0.5), pytest.approx(2 / 3), None]
+    expected = nn.functional.cross_entropy(logits, labels).item()
+    assert r.loss == pytest.approx(expected, rel=1e-6)
+    d = r.to_dict()
+    assert d["per_class"]["c"] is None and json.dumps(d)
+
+
+def test_top5_with_many_classes():
+    logits = torch.arange(10.0).repeat(4, 1)  # ranks classes 9, 8, 7, 6, 5 first
+    labels = torch.tensor([9, 5, 4, 0])
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 1, 1)
+    r = evaluate(FixedLogits(logits), [(x, labels)], class_names=[str(i) for i in range(10)])
+    assert r.top1 == 0.25 and r.top5 == 0.5
+
+
+def test_confusion_png(tmp_path):
+    path = plot_confusion(torch.tensor([[5, 1], [0, 4]]), ["cat", "dog"], tmp_path / "c.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    model = vitlab.create_model("vit_mu4_32px", width=32, depth=1, mlp_dim=64, num_heads=2, num_classes=3)
+    nn.init.normal_(model.head.weight)
+    return vitlab.save_model(model, tmp_path / "m.safetensors", class_names=["a", "b", "c"])
+
+
+def test_preprocess_and_predict(model_file, tmp_path):
+    loaded = vitlab.load_model(model_file)
+    x = loaded.preprocess(Image.new("RGBA", (64, 48), (255, 0, 0, 128)))
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 and x[0].mean() == 1.0
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (0, 200, 0)).save(folder / "sub" / "g.png")
+    Image.new("L", (40, 40), 90).save(folder / "gray.jpg")
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    (folder / "notes.txt").write_text("not an image")
+    files, any_dir = image_files([folder])
+    assert any_dir and [f.name for f in files] == ["bad.png", "gray.jpg", "g.png"]
+    with pytest.raises(ValueError, match="cannot read image"):
+        predict(loaded, files)
+    skipped = []
+    preds = predict(loaded, files, top_k=5, skip_unreadable=True, log=skipped.append)
+    assert len(preds) == 2 and "bad.png" in skipped[0]
+    assert len(preds[0].labels) == 3 and sum(preds[0].probs) == pytest.approx(1.0, abs=1e-5)
+    expected = loaded.model(loaded.preprocess(Image.open(folder / "gray.jpg").convert("RGB"))[None]).softmax(1)
+    assert preds[0].probs[0] == pytest.approx(expected.max().item(), rel=1e-5)
+    import io
+    out = io.StringIO()
+    write_csv(preds, out)
+    assert out.getvalue().splitlines()[0] == "path,label_1,prob_1,label_2,prob_2,label_3,prob_3"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        image_files([tmp_path / "missing.png"])
+
+
+def test_eval_errors_are_clear(model_file, tmp_path, capsys):
+    with pytest.raises(ValueError, match="pass --data"):
+        evaluate_checkpoint(model_file)
+    assert main(["eval", str(model_file)]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    root = tmp_path / "folder"
+    for split in ("train", "val"):
+        for name in ("x", "y", "z"):
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / name / "1.png")
+    with pytest.raises(ValueError, match="differ from the data's"):
+        evaluate_checkpoint(model_file, data=str(root))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["eval", str(bad), "--data", str(root)]) == 2
+    assert "corrupted or truncated" in capsys.readouterr().err

@@ -1,0 +1,278 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vitlab
+from vitlab.cli import build_parser, main
+from vitlab.data import DataConfig
+from vitlab.recipes import RECIPES, recipe
+from vitlab.train import (TrainConfig, TrainingDiverged, every, load_run_config, override, parse_duration,
+                          read_metrics, resume, steps_for_budget, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+TINY_ARGS = ["--model", "vit_mu4_32px", "--width", "32", "--depth", "1", "--mlp-dim", "64", "--num-heads", "2"]
+
+
+def write_learnable_cifar(root: Path, per_batch: int = 16, n_test: int = 20) -> Path:
+    """A tiny CIFAR-10 binary folder whose classes differ in colour, so a few steps learn something."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def records(n):
+        labels = np.arange(n) % 10
+        pixels = rng.integers(0, 60, (n, 3, 32, 32)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            pixels[i, c % 3] += np.uint8(20 * c)
+        return np.concatenate([labels[:, None].astype(np.uint8), pixels.reshape(n, -1)], 1).tobytes()
+
+    for i in range(1, 6):
+        (root / f"data_batch_{i}.bin").write_bytes(records(per_batch))
+    (root / "test_batch.bin").write_bytes(records(n_test))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return write_learnable_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(data: Path, **kw) -> TrainConfig:
+    base = dict(model="vit_mu4_32px", model_overrides=dict(TINY), data=DataConfig(path=str(data)), batch_size=16,
+                steps=12, eval_every=4, checkpoint_every=4, threads=1, precision="fp32")
+    return TrainConfig(**{**base, **kw})
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- config and CLI options
+
+def test_override_routes_each_name_to_its_config():
+    cfg = override(TrainConfig(), lr=3e-4, depth=2, drop_path=0.1, mixup=0.8, path="/x", seed=3, batch_size=64)
+    assert cfg.optim.lr == 3e-4 and cfg.data.mixup == 0.8 and cfg.data.path == "/x"
+    assert cfg.model_overrides == {"depth": 2, "drop_path": 0.1} and cfg.seed == 3 and cfg.batch_size == 64
+    with pytest.raises(ValueError, match="unknown option 'weight_decy'; did you mean weight_decay"):
+        override(cfg, weight_decy=1.0)
+    with pytest.raises(ValueError, match="num_classes comes from the data"):
+        TrainConfig(model_overrides={"num_classes": 3})
+    with pytest.raises(ValueError, match="unknown model"):
+        override(cfg, model="vit_b17")
+    demo = override(recipe("demo"), steps=50)  # a new run length replaces the recipe's time budget
+    assert demo.steps == 50 and demo.time_budget == ""
+
+
+def test_data_follows_the_model_and_seed():
+    cfg = override(TrainConfig(), image_size=48, patch_size=8, mean=(0.4, 0.4, 0.4), seed=5)
+    d = cfg.data_config()
+    assert (d.image_size, d.mean, d.seed) == (48, (0.4, 0.4, 0.4), 5)
+
+
+def test_cli_options_are_typed_and_typos_are_errors():
+    args = build_parser().parse_args(["train", "--lr", "3e-4", "--image-size", "64", "--mean", "0.1", "0.2", "0.3",
+                                      "--no-hflip", "--representation-size", "none", "--pool", "gap",
+                                      "--rrc-scale", "0.2", "1"])
+    assert (args.lr, args.image_size, args.mean, args.hflip) == (3e-4, 64, (0.1, 0.2, 0.3), False)
+    assert args.representation_size is None and args.pool == "gap" and args.rrc_scale == (0.2, 1.0)
+    assert not hasattr(args, "depth")  # options not given stay unset
+    for bad in (["--lr-rate", "1"], ["--dep", "2"], ["--pool", "max"], ["--lr", "fast"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["train", *bad])
+        assert exc.value.code == 2
+
+
+def test_recipes_are_valid_and_documented():
+    assert {"vit_paper_pretrain", "cifar10", "demo"} <= set(RECIPES)
+    paper = recipe("vit_paper_pretrain")
+    assert paper.optim.lr == 1e-3 and paper.optim.lr_batch_size == 4096 and paper.optim.weight_decay == 0.1
+    assert paper.optim.warmup_steps == 10_000 and paper.optim.schedule == "linear"
+    assert paper.model_overrides["dropout"] == 0.1 and "Appendix B.1" in RECIPES["vit_paper_pretrain"].source
+    assert paper.optim.peak_lr(512) == pytest.approx(1.25e-4)
+    with pytest.raises(ValueError, match="did you mean cifar10"):
+        recipe("cifar1O")
+
+
+def test_durations_and_budget_arithmetic():
+    assert parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400 and parse_duration("90") == 90
+    assert parse_duration("2.5h") == 9000 and parse_duration("45s") == 45
+    for bad in ("soon", "", "0s", "10x"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    # 100 s: 0.5 s steps, an evaluation (10 s) every 40 steps and a checkpoint (1 s) with it.
+    steps = steps_for_budget(100, step_s=0.5, eval_s=10, eval_every=40, ckpt_s=1, checkpoint_every=40)
+    used = steps * 0.5 + (steps / 40 + 1) * 11
+    assert used <= 100 < used + 0.5 + 11 / 40
+    assert every(8, 4) and not every(6, 4) and not every(8, 0)
+
+
+# ---------------------------------------------------------------- the loop
+
+def test_cli_train_eval_predict_end_to_end(cifar, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(cifar), *TINY_ARGS, "--drop-path", "0.1", "--steps", "6", "--batch-size", "16",
+                 "--mixup", "0.8", "--cutmix", "1.0", "--randaugment-n", "1", "--label-smoothing", "0.1",
+                 "--eval-every", "3", "--threads", "1", "--precision", "fp32", "--out", str(run)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "test accuracy after 6 steps: top-1" in out and str(run / "curves.png") in out
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["width"] == 32 and config["model"]["drop_path"] == 0.1
+    assert config["train"]["steps"] == 6 and config["model"]["num_classes"] == 10
+    records = read_metrics(run / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_top1" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7)) and [r["step"] for r in evals] == [3, 6]
+    assert all({"loss", "lr", "grad_norm", "images_per_s"} <= set(r) for r in steps)
+    assert all(0 <= r["eval_top1"] <= r["eval_top5"] <= 1 for r in evals)
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    best = vitlab.load_model(run / "best.safetensors")
+    assert best.class_names == [str(i) for i in range(10)]
+    assert best.meta["eval_top1"] == max(r["eval_top1"] for r in evals)
+
+    assert main(["eval", str(run), "--json"]) == 0  # the run's data, its best model
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(best.meta["eval_top1"]) and result["num_images"] == 20
+    assert len(result["per_class"]) == 10 and Path(result["confusion_png"]).is_file()
+
+    from PIL import Image
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (20 * i, 100, 50)).save(images / f"im{i}.png")
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["predict", str(run), str(images / "im0.png")]) == 0
+    line = capsys.readouterr().out.strip()
+    probs = [float(x.split()[-1]) for x in line.split(": ", 1)[1].split(", ")]
+    assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    csv_path = tmp_path / "pred.csv"
+    assert main(["predict", str(run / "last.safetensors"), str(images), "--output", str(csv_path)]) == 0
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("path,label_1,prob_1") and len(rows) == 4  # header + 3 readable images
+    assert "broken.jpg" in capsys.readouterr().err  # skipped and reported
+
+
+def test_resume_after_sigkill_is_bitwise_exact(cifar, tmp_path):
+    kw = dict(accum_steps=2, ema_decay=0.9, label_smoothing=0.1, model_overrides={**TINY, "dropout": 0.1})
+    straight = train(tiny_cfg(cifar, **kw), tmp_path / "straight", log=quiet)
+    assert straight.step == 12
+
+    # The same run in a subprocess that SIGKILLs itself as step 7 begins (checkpoint at step 4).
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import vitlab.train as t
+        from vitlab.data import DataConfig
+        real = t.lr_at
+        def lr_at(step, **kw):
+            if step == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(step, **kw)
+        t.lr_at = lr_at
+        cfg = t.TrainConfig(model="vit_mu4_32px", model_overrides={kw['model_overrides']!r},
+                            data=DataConfig(path={str(cifar)!r}), batch_size=16, steps=12, eval_every=4,
+                            checkpoint_every=4, threads=1, precision="fp32", accum_steps=2, ema_decay=0.9,
+                            label_smoothing=0.1)
+        t.train(cfg, {str(killed)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(killed / "state.pt", weights_only=True)["step"] == 4
+    assert max(r["step"] for r in read_metrics(killed / "metrics.jsonl")) == 6  # steps 5, 6 were lost
+
+    resumed = resume(killed, log=quiet)
+    assert resumed.step == 12
+    a, b = load_file(tmp_path / "straight" / "last.safetensors"), load_file(killed / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state_a = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
+    state_b = torch.load(killed / "state.pt", weights_only=True)
+    assert all(torch.equal(state_a["model"][k], state_b["model"][k]) for k in state_a["model"])
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert losses(killed) == losses(tmp_path / "straight")  # each step once, identical
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_then_exits(cifar, tmp_path, signum):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vitlab", "train", "--data", str(cifar), *TINY_ARGS, "--steps", "100000",
+           "--batch-size", "16", "--eval-every", "100000", "--threads", "1", "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and len(read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists()
+                                         else []) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert f"stopped by {signal.Signals(signum).name}" in err and f"--resume {run}" in err
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["step"] >= 3
+    assert vitlab.load_model(run / "last.safetensors").meta["step"] == state["step"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(cifar, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(cifar), *TINY_ARGS, "--steps", "10", "--batch-size", "16", "--lr", "1e30",
+                 "--checkpoint-every", "1", "--eval-every", "100", "--threads", "1", "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 1
+    step = int(err.split(" at step ")[1].split(";")[0])
+    assert "loss" in err and f"the last good checkpoint (step {step - 1}) is kept" in err
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["step"] == step - 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r)
+
+
+def test_time_budget_sizes_the_run_then_stops_by_steps(cifar, tmp_path):
+    result = train(tiny_cfg(cifar, steps=0, time_budget="2s", eval_every=0, checkpoint_every=0), tmp_path / "r",
+                   log=quiet)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["sized_by"]["time_budget"] == "2s" and config["sized_by"]["step_s"] > 0
+    assert config["train"]["time_budget"] == "" and result.step == config["train"]["steps"] >= 1
+    assert load_run_config(tmp_path / "r").steps == result.step  # resume would not re-measure
+
+
+def test_resume_errors_are_clear(cifar, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(cifar, steps=2), run, log=quiet)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny_cfg(cifar, steps=2), run, log=quiet)
+    with pytest.raises(ValueError, match=r"\['lr'\] cannot change"):
+        resume(run, lr=0.1)
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        resume(tmp_path / "nowhere")
+
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["model_overrides"]["width"] = 64  # another architecture
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not fit this model.*another architecture"):
+        resume(run, log=quiet)
+    (run / "state.pt").write_bytes((run / "state.pt").read_bytes()[:500])  # truncated
+    with pytest.raises(ValueError, match="cannot read training state"):
+        resume(run, log=quiet)
+    assert main(["train", "--resume", str(run)]) == 2  # the CLI: a one-line error
