@@ -191,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     cases = bench.QUICK_CASES if args.quick else bench.FULL_CASES
-    cases = tuple(c for c in cases if args.cases in c.name)
+    cases = tuple(c for c in cases if any(part in c.name for part in args.cases.split(",")))
     if not cases:
         raise ValueError(f"no benchmark case matches {args.cases!r}; see `vitlab bench --help`")
     rounds = args.rounds or (3 if args.quick else 5)
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed against timm and transformers (needs vitlab[bench])")
     p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")
-    p.add_argument("--cases", default="", help="only cases whose name contains this, e.g. 'vit_s16' or 'train'")
+    p.add_argument("--cases", default="", help="only cases whose name contains one of these comma-separated parts, e.g. 'vit_s16,train'")
     p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every variant")
     p.add_argument("--no-compile", action="store_true", help="leave out timm + torch.compile")
