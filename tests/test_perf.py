@@ -132,7 +132,8 @@ def test_bench_runs_every_variant_and_reports():
     pytest.importorskip("transformers")
     cases = (bench.Case(model="vit_mu4_32px", batch=2, dtype="bf16"),
              bench.Case(model="vit_mu4_32px", batch=4, dtype="fp32", train=True))
-    report = bench.run(cases, rounds=1, target_s=0.0, threads=1, compile=False, memory=False, log=lambda m: None)
+    report = bench.run(cases, rounds=1, target_s=0.0, threads=1, compile=False, memory=False, clock="cpu",
+                       log=lambda m: None)
     for name in ("vitlab", "timm", "timm TIMM_FUSED_ATTN=0", "timm autocast", "HF sdpa", "HF eager", "Targets",
                  "load average", "torch " + torch.__version__.split("+")[0]):
         assert name in report, name
@@ -150,3 +151,5 @@ def test_bench_cli_rejects_unknown_case(capsys):
 
     assert main(["bench", "--cases", "no_such_case"]) == 2
     assert "no benchmark case matches" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--clock", "cpu"]) == 2  # CPU time needs --threads 1
+    assert "threads=1" in capsys.readouterr().err

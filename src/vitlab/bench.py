@@ -199,24 +199,28 @@ def peak_step(dtype: torch.dtype) -> Step:
 
 # --- timing and memory ------------------------------------------------------------------
 
-def _seconds(step: Step, iters: int) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: this thread's CPU time (1 thread only)
+
+
+def _seconds(step: Step, iters: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     for _ in range(iters):
         step()
-    return (time.perf_counter() - start) / iters
+    return (clock() - start) / iters
 
 
-def time_interleaved(steps: dict[str, Step], *, rounds: int, target_s: float) -> dict[str, float]:
+def time_interleaved(steps: dict[str, Step], *, rounds: int, target_s: float, clock: str = "wall") -> dict[str, float]:
     """Median seconds per call of each step, timed round-robin with a rotating order."""
+    tick = CLOCKS[clock]
     iters = {}
     for name, step in steps.items():
         step()  # warm-up (and compilation)
-        iters[name] = max(1, round(target_s / _seconds(step, 1)))
+        iters[name] = max(1, round(target_s / _seconds(step, 1, tick)))
     samples: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            samples[name].append(_seconds(steps[name], iters[name]))
+            samples[name].append(_seconds(steps[name], iters[name], tick))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -283,14 +287,14 @@ class CaseResult:
 
 
 def run_case(case: Case, *, rounds: int, target_s: float, threads: int, compile: bool = True,
-             memory: bool = True, log: Callable[[str], None] = print) -> CaseResult:
+             memory: bool = True, clock: str = "wall", log: Callable[[str], None] = print) -> CaseResult:
     """Time every variant of ``case`` interleaved with the matmul peak; optionally their memory."""
     inputs = make_inputs(case)
     torch.manual_seed(0)
     steps = {v: _build(v, case, inputs) for v in variants(case, compile=compile)}
     steps["matmul peak"] = peak_step(DTYPES[case.dtype])
     log(f"{case.name}: timing {len(steps)} steps x {rounds} rounds")
-    seconds = time_interleaved(steps, rounds=rounds, target_s=target_s)
+    seconds = time_interleaved(steps, rounds=rounds, target_s=target_s, clock=clock)
     peak = 2 * PEAK_SIZE**3 / seconds.pop("matmul peak") / 1e9
     del steps
     gc.collect()
@@ -418,21 +422,29 @@ def format_targets(results: list[CaseResult]) -> str:
 
 
 def run(cases: tuple[Case, ...], *, rounds: int, target_s: float, threads: int = 2, compile: bool = True,
-        memory: bool = True, data: str | None = None, epoch_batches: int = 0,
+        memory: bool = True, data: str | None = None, epoch_batches: int = 0, clock: str = "wall",
         log: Callable[[str], None] = print) -> str:
-    """Run ``cases`` (and the epoch on ``data`` if given); return the markdown report."""
+    """Run ``cases`` (and the epoch on ``data`` if given); return the markdown report.
+
+    ``clock="cpu"`` times this thread's CPU time instead of wall time: with one thread it is all
+    the compute, and it barely moves when other processes share the cores.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError("clock='cpu' measures one thread; use it with threads=1")
     torch.set_num_threads(threads)
     info = machine()
     load_before = load_average()
     log(f"load average before: {load_before}")
-    results = [run_case(c, rounds=rounds, target_s=target_s, threads=threads, compile=compile, memory=memory, log=log)
-               for c in cases]
+    results = [run_case(c, rounds=rounds, target_s=target_s, threads=threads, compile=compile, memory=memory,
+                        clock=clock, log=log) for c in cases]
     epoch = run_epoch(data, max_batches=epoch_batches, threads=threads, log=log) if data else ""
     load_after = load_average()
     head = [f"- machine: {info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), {threads} threads",
             f"- versions: python {info['python']}, torch {info['torch']}, timm {info['timm']}, "
             f"transformers {info['transformers']}",
-            f"- date: {info['date']}; rounds: {rounds}, ~{target_s:g} s per timing; "
+            f"- date: {info['date']}; rounds: {rounds}, ~{target_s:g} s per timing, {clock} clock; "
             f"load average (1, 5, 15 min) before {load_before}, after {load_after}"]
     body = [format_case(r) for r in results] + ([epoch] if epoch else [])
     return "\n".join(head) + "\n\n" + "\n\n".join(body) + "\n\n#### Targets\n\n" + format_targets(results) + "\n"

@@ -197,7 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rounds = args.rounds or (3 if args.quick else 5)
     report = bench.run(cases, rounds=rounds, target_s=0.3 if args.quick else 0.5, threads=args.threads,
                        compile=not (args.quick or args.no_compile), memory=not (args.quick or args.no_memory),
-                       data=args.data, epoch_batches=args.epoch_batches,
+                       data=args.data, epoch_batches=args.epoch_batches, clock=args.clock,
                        log=lambda msg: print(msg, file=sys.stderr))
     print(report)
     if args.out:
@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every variant")
     p.add_argument("--no-compile", action="store_true", help="leave out timm + torch.compile")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: thread CPU time, robust on a shared machine (needs --threads 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
     p.add_argument("--data", help="CIFAR-10 folder: also time an end-to-end training epoch on it")
     p.add_argument("--epoch-batches", type=int, default=0, help="stop the epoch after this many batches (0: all)")
