@@ -437,8 +437,11 @@ def run(cases: tuple[Case, ...], *, rounds: int, target_s: float, threads: int =
     info = machine()
     load_before = load_average()
     log(f"load average before: {load_before}")
-    results = [run_case(c, rounds=rounds, target_s=target_s, threads=threads, compile=compile, memory=memory,
-                        clock=clock, log=log) for c in cases]
+    results = []
+    for c in cases:
+        results.append(run_case(c, rounds=rounds, target_s=target_s, threads=threads, compile=compile,
+                                memory=memory, clock=clock, log=log))
+        log(format_case(results[-1]))  # progress: each table as soon as it is measured
     epoch = run_epoch(data, max_batches=epoch_batches, threads=threads, log=log) if data else ""
     load_after = load_average()
     head = [f"- machine: {info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), {threads} threads",
