@@ -100,6 +100,7 @@ def add_train_options(p: argparse.ArgumentParser) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from scratch (or continue a run): a progress bar, metrics.jsonl, curves.png, checkpoints."""
+    from .distributed import print0  # under torchrun only rank 0 prints
     from .recipes import RECIPES, recipe
     from .train import BEST_FILE, CURVES_FILE, LAST_FILE, Interrupted, TrainConfig, TrainingDiverged, override
     from .train import resume, train
@@ -119,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out = args.out or f"runs/{args.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
             result = train(cfg, out)
     except Interrupted as err:
-        print(f"vitlab train: {err}", file=sys.stderr)
+        print0(f"vitlab train: {err}", file=sys.stderr)
         return 128 + err.signum
     except TrainingDiverged as err:
         print(f"vitlab train: error: {err}", file=sys.stderr)
@@ -130,10 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = result.run_dir
     if result.eval:
         e = result.eval
-        print(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
-              f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
-    print(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
-    print(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
+        print0(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
+               f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
+    print0(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
+    print0(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
     return 0
 
 
@@ -226,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="import official/big_vision .npz, timm or Hugging Face weights")
-    p.add_argument("src", help=".npz file, timm .safetensors/.pth, or a Hugging Face folder")
+    p = sub.add_parser("convert", help="import official/big_vision/BiT .npz, timm or Hugging Face weights")
+    p.add_argument("src", help=".npz file (ViT, hybrid or BiT), timm .safetensors/.pth, or a Hugging Face folder")
     p.add_argument("dst", help="the vitlab model file to write (.safetensors)")
-    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "bit", "timm", "hf"],
+                   help="force the format")
     p.add_argument("--model", help="check the checkpoint against this preset's architecture")
     p.add_argument("--num-heads", type=int, help="heads (timm state dicts do not record them)")
     p.add_argument("--image-size", type=int, help="input size, when the checkpoint cannot tell it")
@@ -239,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, official .npz or ONNX")
     p.add_argument("checkpoint", help="vitlab model file or run directory")
-    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official) or .onnx")
-    p.add_argument("--to", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official; BiT's for a BiT "
+                               "model) or .onnx")
+    p.add_argument("--to", choices=["official", "big_vision", "bit", "timm", "hf"], help="force the format")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
     p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
     p.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
