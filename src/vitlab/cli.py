@@ -260,6 +260,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time vitlab against timm and transformers, interleaved; print (and save) the markdown report."""
+    from . import bench
+
+    cases = bench.QUICK_CASES if args.quick else bench.FULL_CASES
+    cases = tuple(c for c in cases if any(part in c.name for part in args.cases.split(",")))
+    if not cases:
+        raise ValueError(f"no benchmark case matches {args.cases!r}; see `vitlab bench --help`")
+    rounds = args.rounds or (3 if args.quick else 5)
+    report = bench.run(cases, rounds=rounds, target_s=0.3 if args.quick else 0.5, threads=args.threads,
+                       compile=not (args.quick or args.no_compile), memory=not (args.quick or args.no_memory),
+                       data=args.data, epoch_batches=args.epoch_batches, clock=args.clock,
+                       log=lambda msg: print(msg, file=sys.stderr))
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -365,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posemb-mode", choices=["scipy", "bilinear", "bicubic"], default="scipy",
                    help="position-embedding resampling (default scipy: the official corner-aligned linear zoom)")
     p.set_defaults(func=cmd_finetune, config_options=add_finetune_options(p))
+
+    p = sub.add_parser("bench", help="speed against timm and transformers (needs vitlab[bench])")
+    p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")
+    p.add_argument("--cases", default="", help="only cases whose name contains one of these comma-separated parts, e.g. 'vit_s16,train'")
+    p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for every variant")
+    p.add_argument("--no-compile", action="store_true", help="leave out timm + torch.compile")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: thread CPU time, robust on a shared machine (needs --threads 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
+    p.add_argument("--data", help="CIFAR-10 folder: also time an end-to-end training epoch on it")
+    p.add_argument("--epoch-batches", type=int, default=0, help="stop the epoch after this many batches (0: all)")
+    p.add_argument("--out", help="also write the markdown report to this file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

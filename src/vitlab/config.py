@@ -44,7 +44,7 @@ class ViTConfig:
     gelu: Gelu = "exact"  # the official JAX code uses "tanh"
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
-    fused_attention: bool = True  # scaled_dot_product_attention, else explicit softmax
+    fused_attention: bool = True  # the fastest kernel (SDPA or batched matmuls), else explicit softmax
     posemb_mode: PosembMode = "bicubic"  # how position embeddings are resampled
     # Input preprocessing the weights expect (kept with the model so outputs match).
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # (0.5, 0.5) maps [0, 1] to [-1, 1]
