@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BiTConfig, HybridConfig, replace_checked
+from .vit import zero_head
 
 # BiT presets: units per stage of R50, R101 and R152.
 DEPTHS: dict[int, tuple[int, ...]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -112,7 +113,7 @@ class ResNetV2(nn.Module):
         self.conv_root = StdConv2d(cfg.in_channels, stem, 7, 2, eps=cfg.ws_eps)
         self.stages = make_stages(PreActBottleneck, stem, cfg.layers, cfg.widths, cfg)
         self.norm = nn.GroupNorm(cfg.num_groups, self.num_features, eps=cfg.gn_eps)
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.head = zero_head(self.num_features, cfg.num_classes)
         self.init_weights()
 
     @property
@@ -174,11 +175,7 @@ class ResNetV2(nn.Module):
 
         ``keep_pre_logits`` is the ViT's signature; BiT has no pre-logits layer to drop."""
         ref = next(self.parameters())
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-            self.head.to(device=ref.device, dtype=ref.dtype)
+        self.head = zero_head(self.num_features, num_classes, like=ref)
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
 
     def set_image_size(self, image_size: int | tuple[int, int], mode: str | None = None) -> None:

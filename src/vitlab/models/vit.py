@@ -32,6 +32,16 @@ def vit_config(variant: str, **overrides) -> ViTConfig:
     return replace_checked(ViTConfig(**VARIANTS[size], patch_size=int(patch)), **overrides)
 
 
+def zero_head(num_features: int, num_classes: int, like: torch.Tensor | None = None) -> nn.Module:
+    """A zero-initialised linear head (an identity for 0 classes), on ``like``'s device and dtype."""
+    if not num_classes:
+        return nn.Identity()
+    head = nn.Linear(num_features, num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head if like is None else head.to(device=like.device, dtype=like.dtype)
+
+
 class PatchEmbed(nn.Module):
     """Flatten P x P patches and project them linearly (a strided conv is the same map)."""
 
@@ -175,7 +185,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.pre_logits = self._make_pre_logits(cfg)
         self.head_drop = nn.Dropout(cfg.head_dropout)
-        self.head = nn.Linear(cfg.representation_size or d, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.head = zero_head(cfg.representation_size or d, cfg.num_classes)
         self.init_weights()
 
     @staticmethod
@@ -277,11 +287,7 @@ class VisionTransformer(nn.Module):
         if not keep_pre_logits and self.cfg.representation_size:
             self.pre_logits = nn.Identity()
             self.cfg = dataclasses.replace(self.cfg, representation_size=None)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-            self.head.to(device=ref.device, dtype=ref.dtype)
+        self.head = zero_head(self.num_features, num_classes, like=ref)
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
 
     def set_image_size(self, image_size: int | tuple[int, int], mode: str | None = None) -> None:
