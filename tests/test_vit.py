@@ -21,7 +21,9 @@ def n_params(model):
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_paper_parameter_counts(name):
-    assert n_params(vitlab.create_model(name)) == PAPER_PARAMS[name]
+    with torch.device("meta"):  # shapes only: the big presets cost nothing
+        model = vitlab.create_model(name)
+    assert n_params(model) == PAPER_PARAMS[name]
 
 
 @pytest.mark.parametrize("name", [n for n in vitlab.list_models("vit_") if n.startswith("vit_")])  # not the r*_vit_ hybrids

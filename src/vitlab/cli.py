@@ -207,10 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="import official/big_vision .npz, timm or Hugging Face weights")
-    p.add_argument("src", help=".npz file, timm .safetensors/.pth, or a Hugging Face folder")
+    p = sub.add_parser("convert", help="import official/big_vision/BiT .npz, timm or Hugging Face weights")
+    p.add_argument("src", help=".npz file (ViT, hybrid or BiT), timm .safetensors/.pth, or a Hugging Face folder")
     p.add_argument("dst", help="the vitlab model file to write (.safetensors)")
-    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "bit", "timm", "hf"],
+                   help="force the format")
     p.add_argument("--model", help="check the checkpoint against this preset's architecture")
     p.add_argument("--num-heads", type=int, help="heads (timm state dicts do not record them)")
     p.add_argument("--image-size", type=int, help="input size, when the checkpoint cannot tell it")
@@ -220,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, official .npz or ONNX")
     p.add_argument("checkpoint", help="vitlab model file or run directory")
-    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official) or .onnx")
-    p.add_argument("--to", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official; BiT's for a BiT "
+                               "model) or .onnx")
+    p.add_argument("--to", choices=["official", "big_vision", "bit", "timm", "hf"], help="force the format")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
     p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
     p.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
