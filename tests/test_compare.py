@@ -147,3 +147,11 @@ def test_compare_benchmark_smoke(cifar, tmp_path):
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     compare.write_section(results, f"{compare.START}\nnew\n{compare.END}\n")  # replaces only its own section
     assert results.read_text() == "# Results\n\n## Another benchmark\n\nkept\n\n" + f"{compare.START}\nnew\n{compare.END}\n"
+
+
+@pytest.mark.parametrize("dst", ["small.npz", "small.safetensors"])
+def test_export_refuses_a_small_image_stem(tmp_path, dst):
+    from vitlab.interop import export_model
+    model = vitlab.create_model("bit_r26x1_32px", layers=(1,), num_groups=32, stem_width=32)
+    with pytest.raises(ValueError, match="stem is a 7x7/2 convolution and a max-pool; this model has stem_kernel=3"):
+        export_model(model, tmp_path / dst)
