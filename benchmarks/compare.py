@@ -44,7 +44,7 @@ from vitlab.train import TrainConfig, train  # noqa: E402
 HERE = Path(__file__).resolve().parent
 CIFAR = Path("/work/shared/data/cifar-10-batches-bin")
 MODELS = ("vit_mu8_32px", "vit_mu4_32px", "bit_r26x1_32px", "bit_r26x2_32px")
-BUDGETS = (1024, 4096)  # training images seen (32 and 128 steps of 32)
+BUDGETS = (768, 3072)  # training images seen (24 and 96 steps of 32)
 START, END = "<!-- compare:start -->", "<!-- compare:end -->"
 
 
