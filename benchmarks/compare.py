@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.budgets) < args.batch_size:
         raise SystemExit(f"compare: every budget must be at least one batch ({args.batch_size} images)")
     start = time.perf_counter()
-    info = {"command": " ".join(["python benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]),
+    niceness = f"nice -n {os.nice(0)} " if os.nice(0) else ""
+    info = {"command": niceness + " ".join(["python benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]),
             "machine": machine(), "uptime_before": uptime(), "python": platform.python_version(),
             "torch": torch.__version__, "vitlab": vitlab_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
