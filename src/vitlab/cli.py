@@ -37,7 +37,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report = inspect_checkpoint(
         args.checkpoint, args.images, args.out, data=args.data, head_fusion=args.head_fusion,
         discard_ratio=args.discard_ratio, start_layer=args.start_layer, num_images=args.num_images,
-        device=args.device,
+        device=args.device, log=lambda message: print(message, file=sys.stderr),
     )
     print(f"wrote {report}")
     return 0

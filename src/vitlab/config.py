@@ -92,6 +92,9 @@ class BiTConfig:
     layers: tuple[int, ...] = (3, 4, 6, 3)  # bottleneck units per stage: R50; R101 (3, 4, 23, 3); R152 (3, 8, 36, 3)
     width_factor: int = 1  # the "x1", "x3", "x4": every width times this
     stem_width: int = 64  # before width_factor; stage i outputs 4 * stem_width * 2**i channels
+    stem_kernel: int = 7  # the root convolution: 7x7 stride 2, then a 3x3/2 max-pool (stride 4 in all) ...
+    stem_stride: int = 2
+    stem_pool: bool = True  # ... small images use e.g. 3x3 stride 1 and no pool (stride 1), as CIFAR ResNets
     num_groups: int = 32  # GroupNorm groups
     gn_eps: float = 1e-5
     ws_eps: float = 1e-10  # weight standardisation: (w - mean) / sqrt(var + ws_eps), as the official code
@@ -101,6 +104,8 @@ class BiTConfig:
     def __post_init__(self) -> None:
         if not self.layers or min(self.layers) < 1:
             raise ValueError(f"layers must be a non-empty tuple of positive unit counts, got {self.layers}")
+        if self.stem_kernel < 1 or self.stem_stride < 1:
+            raise ValueError(f"stem_kernel and stem_stride must be >= 1, got {self.stem_kernel} and {self.stem_stride}")
         if (self.stem_width * self.width_factor) % self.num_groups:
             raise ValueError(
                 f"stem_width * width_factor = {self.stem_width * self.width_factor} is not divisible by "

@@ -58,8 +58,9 @@ def bit_flops(cfg: BiTConfig, image_size: int | tuple[int, int] | None = None) -
     """FLOPs of one forward pass of a BiT ResNet-v2 with ``cfg`` on one image."""
     h, w = as_pair(image_size or cfg.image_size)
     stem = cfg.stem_width * cfg.width_factor
-    root, h, w = _conv(h, w, cfg.in_channels, stem, 7, 2, same=False)
-    h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # zero pad 1, max-pool 3x3/2
+    root, h, w = _conv(h, w, cfg.in_channels, stem, cfg.stem_kernel, cfg.stem_stride, same=False)
+    if cfg.stem_pool:
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # zero pad 1, max-pool 3x3/2
     body, _, _ = _resnet_stages(h, w, stem, cfg.layers, list(cfg.widths), same=False)
     return root + body + 2 * cfg.widths[-1] * cfg.num_classes
 

@@ -150,7 +150,8 @@ def override(cfg: TrainConfig, **values: Any) -> TrainConfig:
 
     A name goes to TrainConfig, OptimConfig, DataConfig (``path`` is the data path) or the
     model's config, in that order; an unknown name is an error naming the nearest ones. Setting
-    one of ``time_budget``, ``steps``, ``epochs`` clears the others that are not also given.
+    one of ``time_budget``, ``steps``, ``epochs`` clears the others that are not also given. A new
+    ``model`` keeps only the model options of ``cfg`` that its config has (``drop_path`` goes for a BiT).
     """
     model_fields = [f for f in field_names(type(get_spec(values.get("model", cfg.model)).config)) if f != "num_classes"]
     data_fields = [f for f in field_names(DataConfig) if f not in DERIVED_DATA_FIELDS]
@@ -168,9 +169,9 @@ def override(cfg: TrainConfig, **values: Any) -> TrainConfig:
             raise ValueError(f"unknown option {name!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
     if {"time_budget", "steps", "epochs"} & set(values):  # a new run length replaces the recipe's
         parts["train"] = {"time_budget": "", "steps": 0, "epochs": 0.0, **parts["train"]}
+    kept = {k: v for k, v in cfg.model_overrides.items() if k in model_fields}
     return replace_checked(cfg, **parts["train"], optim=replace_checked(cfg.optim, **parts["optim"]),
-                           data=replace_checked(cfg.data, **parts["data"]),
-                           model_overrides={**cfg.model_overrides, **parts["model"]})
+                           data=replace_checked(cfg.data, **parts["data"]), model_overrides={**kept, **parts["model"]})
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

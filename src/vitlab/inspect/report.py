@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import html
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,15 @@ import torch
 from ..checkpoint import LoadedModel, atomic_write, load_model, write_json
 from ..config import as_pair, to_dict
 from ..flops import count_flops
+from .capture import attention_modules
 from .distance import mean_attention_distance, patch_distances
 from .embeddings import embedding_filters, posemb_similarity
 from .figures import plot_attention, plot_attention_distance, plot_embedding_filters, plot_posemb_similarity
 from .images import find_images, load_images, sample_images
 from .rollout import HeadFusion, attention_maps, token_grid
 
-_ARCH_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "pool", "class_token")
+_ARCH_FIELDS = ("resnet_layers", "resnet_width", "layers", "width_factor", "stem_width",  # ResNet (BiT, hybrid)
+                "width", "depth", "mlp_dim", "num_heads", "patch_size", "pool", "class_token")
 
 
 def model_card(loaded: LoadedModel, checkpoint: str | os.PathLike = "") -> dict[str, str]:
@@ -51,11 +53,12 @@ def model_card(loaded: LoadedModel, checkpoint: str | os.PathLike = "") -> dict[
 def inspect_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                        data: str | os.PathLike | None = None, head_fusion: HeadFusion = "mean",
                        discard_ratio: float = 0.0, start_layer: int = 0, num_images: int = 128,
-                       device: str | torch.device = "cpu") -> Path:
+                       device: str | torch.device = "cpu", log: Callable[[str], None] = lambda message: None) -> Path:
     """Write the attention maps of ``images``, the paper's Fig. 7 panels and ``report.html`` to ``out``.
 
     Mean attention distance uses up to ``num_images`` images from the data set ``data``, or the
-    given ``images`` when there is none. Returns the report's path.
+    given ``images`` when there is none. A model without attention (a BiT ResNet) gets the model
+    card and its predictions only, and ``log`` says so. Returns the report's path.
     """
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
@@ -69,6 +72,8 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str | os.
     out.mkdir(parents=True, exist_ok=True)
     paths = find_images(images)
     x, rgb = load_images(paths, cfg.image_size, cfg.mean, cfg.std)
+    if not attention_modules(model):
+        return _report_without_attention(loaded, checkpoint, paths, x, out, log)
     rollout, heads, logits = attention_maps(model, x, head_fusion=head_fusion, discard_ratio=discard_ratio,
                                             start_layer=start_layer)
     sections: list[tuple[str, list[tuple[Path, str]]]] = []
@@ -110,6 +115,24 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str | os.
         "mean_attention_distance": dist.tolist(), "uniform_attention_distance": uniform,
     })
     return write_report(out / "report.html", card, sections)
+
+
+def _report_without_attention(loaded: LoadedModel, checkpoint: str | os.PathLike, paths: Sequence[Path],
+                              x: torch.Tensor, out: Path, log: Callable[[str], None]) -> Path:
+    """The model card and predictions of a model with no attention layers, and a note that says so."""
+    model, cfg = loaded.model, loaded.model.cfg
+    note = (f"{type(model).__name__} has no attention layers, so there are no attention maps, attention "
+            f"distances or position embeddings to show; the report holds the model card and predictions")
+    log(f"note: {note}")
+    param = next(model.parameters())
+    with torch.no_grad():
+        logits = model(x.to(param.device, param.dtype)).float().cpu()  # (B, classes)
+    predictions = [_prediction(row, loaded.class_names, cfg.num_classes) for row in logits]
+    card = {**model_card(loaded, checkpoint), "attention": "none (no attention layers)"}
+    card.update({f"prediction: {p.name}": pred for p, pred in zip(paths, predictions)})
+    write_json(out / "summary.json", {"card": card, "config": to_dict(cfg), "images": [str(p) for p in paths],
+                                      "predictions": predictions, "attention": None, "note": note})
+    return write_report(out / "report.html", card, [(note, [])])
 
 
 def _prediction(logits: torch.Tensor, class_names: list[str] | None, num_classes: int) -> str:

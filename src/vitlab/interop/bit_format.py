@@ -91,3 +91,6 @@ def check_exportable(cfg: BiTConfig) -> None:
     """Refuse what the BiT code cannot express (it would load but compute something else)."""
     if cfg.num_groups != 32:
         raise ValueError(f"BiT's GroupNorm has 32 groups; this model has num_groups={cfg.num_groups}")
+    if (cfg.stem_kernel, cfg.stem_stride, cfg.stem_pool) != (7, 2, True):
+        raise ValueError(f"BiT's stem is a 7x7/2 convolution and a max-pool; this model has stem_kernel="
+                         f"{cfg.stem_kernel}, stem_stride={cfg.stem_stride}, stem_pool={cfg.stem_pool}")

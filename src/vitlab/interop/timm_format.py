@@ -161,6 +161,9 @@ def check_exportable(cfg: ViTConfig | BiTConfig) -> None:
     if isinstance(cfg, (BiTConfig, HybridConfig)) and cfg.num_groups != 32:
         raise ValueError(f"timm's ResNet GroupNorm has 32 groups; this model has num_groups={cfg.num_groups}")
     if isinstance(cfg, BiTConfig):
+        if (cfg.stem_kernel, cfg.stem_stride, cfg.stem_pool) != (7, 2, True):
+            raise ValueError(f"timm's BiT stem is a 7x7/2 convolution and a max-pool; this model has stem_kernel="
+                             f"{cfg.stem_kernel}, stem_stride={cfg.stem_stride}, stem_pool={cfg.stem_pool}")
         return
     if cfg.representation_size:
         raise ValueError("timm's VisionTransformer has no representation layer (pre_logits); export this model "

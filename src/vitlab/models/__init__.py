@@ -90,16 +90,30 @@ for _size in ("Mu", "Ti", "S"):
         VisionTransformer,
         f"ViT-{_size}/4 for 32-px images",
     )
+register("vit_mu8_32px", vit_config("Mu/8", image_size=32, num_classes=10), VisionTransformer,
+         "ViT-Mu/8 for 32-px images (a 4 x 4 grid: a quarter of Mu/4's compute)")
 
 # Big Transfer ResNet-v2 baselines (the paper's BiT-L shapes), 1000 classes.
 for _depth, _wf in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 4)):
     register(f"bit_r{_depth}x{_wf}", bit_config(_depth, _wf), ResNetV2, f"BiT ResNet-v2 R{_depth}x{_wf}")
+
+# BiT for 32-px images at CPU scale (the paper has none; the choices are in the README): a
+# 3x3 stride-2 stem without max-pool (stride 2 where ImageNet's stem has 4), so the four R26
+# stages see 16, 8, 4 and 2 px maps (stride 1, as CIFAR ResNets, costs 4x the FLOPs); stem
+# width 16 with 8 GroupNorm groups keeps R50x1's two channels per group in the narrowest layer.
+for _wf in (1, 2):
+    register(f"bit_r26x{_wf}_32px", bit_config(26, _wf, image_size=32, num_classes=10, stem_width=16, num_groups=8,
+                                               stem_kernel=3, stem_stride=2, stem_pool=False),
+             ResNetV2, f"BiT ResNet-v2 R26x{_wf} for 32-px images (3x3/2 stem, width 16)")
 
 # Hybrids (paper Table 1 footnote, official vit_jax configs): ResNet features, then a ViT.
 register("r50_vit_b16", hybrid_config("B/1", (3, 4, 9)), HybridViT, "R50+ViT-B/16 hybrid, ResNet stages (3, 4, 9)")
 register("r50_vit_l32", hybrid_config("L/1", (3, 4, 6, 3)), HybridViT, "R50+ViT-L/32 hybrid, ResNet stages (3, 4, 6, 3)")
 register("r26_vit_s32", hybrid_config("S/1", (2, 2, 2, 2)), HybridViT, "R26+ViT-S/32 hybrid, ResNet stages (2, 2, 2, 2)")
 register("r_vit_ti16", hybrid_config("Ti/8", ()), HybridViT, "R+ViT-Ti/16 hybrid: ResNet stem, 8x8 patches")
+# 32 px: the stem (stride 4) and one stage of 2 units (R8), 1x1 patches: the 8 x 8 grid of ViT-Mu/4.
+register("r8_vit_mu4_32px", hybrid_config("Mu/1", (2,), image_size=32, num_classes=10, resnet_width=16, num_groups=8),
+         HybridViT, "R8+ViT-Mu/4 hybrid for 32-px images: stem and one stage, width 16")
 
 __all__ = ["HybridViT", "ModelSpec", "ResNetV2", "VisionTransformer", "bit_config", "build_model", "config_type",
            "create_model", "get_spec", "hybrid_config", "list_models", "model_config", "register", "vit_config"]

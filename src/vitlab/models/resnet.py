@@ -16,8 +16,8 @@ from torch import nn
 from ..config import BiTConfig, HybridConfig, replace_checked
 from .vit import zero_head
 
-# BiT presets: units per stage of R50, R101 and R152.
-DEPTHS: dict[int, tuple[int, ...]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+# BiT presets: units per stage of R50, R101 and R152 (and R26, for small images).
+DEPTHS: dict[int, tuple[int, ...]] = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
 def bit_config(depth: int, width_factor: int, **overrides) -> BiTConfig:
@@ -110,7 +110,7 @@ class ResNetV2(nn.Module):
         super().__init__()
         self.cfg = cfg
         stem = cfg.stem_width * cfg.width_factor
-        self.conv_root = StdConv2d(cfg.in_channels, stem, 7, 2, eps=cfg.ws_eps)
+        self.conv_root = StdConv2d(cfg.in_channels, stem, cfg.stem_kernel, cfg.stem_stride, eps=cfg.ws_eps)
         self.stages = make_stages(PreActBottleneck, stem, cfg.layers, cfg.widths, cfg)
         self.norm = nn.GroupNorm(cfg.num_groups, self.num_features, eps=cfg.gn_eps)
         self.head = zero_head(self.num_features, cfg.num_classes)
@@ -134,14 +134,16 @@ class ResNetV2(nn.Module):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> (B, stem width, H/4, W/4): 7x7/2 conv, then 3x3/2 max-pool
-        after zero padding (the official code's order; no norm before the first unit)."""
+        after zero padding (the official code's order; no norm before the first unit).
+        Without ``stem_pool`` and at ``stem_stride`` 1 (small images): (B, stem width, H, W)."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"expected images of shape (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        return F.max_pool2d(F.pad(self.conv_root(x), (1, 1, 1, 1)), 3, stride=2)
+        x = self.conv_root(x)
+        return F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, stride=2) if self.cfg.stem_pool else x
 
     # --- seams -------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> final feature map after GroupNorm + ReLU (B, F, H/32, W/32)."""
+        """Images (B, C, H, W) -> final feature map after GroupNorm + ReLU (B, F, H/32, W/32 for R50)."""
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
