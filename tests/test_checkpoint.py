@@ -51,7 +51,7 @@ def test_malicious_pickle_is_refused(tmp_path):
             return (print, ("pwned",))
 
     path = tmp_path / "state.pt"
-    path.write_bytes(pickle.dumps({"x": Evil()}))
+    path.write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
     with pytest.raises(ValueError, match="cannot read training state"):
         load_state(path)
 
