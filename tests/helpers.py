@@ -39,3 +39,16 @@ def write_cifar(root: Path, per_batch: int = 16, n_test: int = 20) -> Path:
         (root / f"data_batch_{i}.bin").write_bytes(records(per_batch))
     (root / "test_batch.bin").write_bytes(records(n_test))
     return root
+
+
+def params_and_timm_params(name: str, timm_name: str, num_classes: int = 21843) -> tuple[int, int]:
+    """Parameter counts of a vitlab preset and of timm's model of the same name (meta device)."""
+    import pytest
+
+    import vitlab
+
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        ref = timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
+        ours = vitlab.create_model(name, num_classes=num_classes)
+    return n_params(ours), n_params(ref)

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vitlab
 from vitlab.cli import main
 from vitlab.models.hybrid import HybridViT
-from helpers import n_params
+from helpers import n_params, params_and_timm_params
 
 # Official vit_jax hybrid configs, 224 px, 1000 classes; equal to timm's ports (same architecture).
 HYBRID_PARAMS = {
@@ -30,11 +30,8 @@ def test_hybrid_parameter_counts(name):
 
 @pytest.mark.parametrize("name", sorted(HYBRID_PARAMS))
 def test_hybrid_parameter_counts_equal_timm(name):
-    timm = pytest.importorskip("timm")
-    with torch.device("meta"):
-        ref = timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=21843)
-        ours = vitlab.create_model(name, num_classes=21843)
-    assert n_params(ours) == n_params(ref)
+    ours, ref = params_and_timm_params(name, TIMM_NAMES[name])
+    assert ours == ref
 
 
 def test_presets_follow_the_official_configs():
