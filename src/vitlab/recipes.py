@@ -6,7 +6,7 @@ Any field can still be overridden on the command line (``--lr 3e-4 --depth 6``) 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .data import DataConfig
 from .optim import OptimConfig
@@ -20,29 +20,27 @@ class Recipe:
     source: str
 
 
+# Paper Sec. 4.1 and Appendix B.1 (Table 3): Adam (beta1 0.9, beta2 0.999), batch 4096,
+# 10k linear warm-up steps then linear decay, weight decay 0.1 ("high weight decay of 0.1,
+# useful for transfer of all models"), dropout 0.1 (Table 3's ImageNet-21k rows, which list
+# lr 1e-3 and 90 epochs for ViT-B), global-norm clipping at 1, 224 px, inception crop + flip.
+# The official Flax Adam decays weights decoupled from the gradient, scaled by the lr: AdamW.
+_PAPER_PRETRAIN = TrainConfig(
+    model="vit_b16", model_overrides={"dropout": 0.1},
+    data=DataConfig(crop="rrc", hflip=True, num_workers=8),
+    optim=OptimConfig(optimizer="adamw", lr=1e-3, lr_batch_size=4096, weight_decay=0.1,
+                      warmup_steps=10_000, schedule="linear", clip_grad_norm=1.0),
+    batch_size=4096, epochs=90, precision="bf16")
+
 RECIPES: dict[str, Recipe] = {
-    # Paper Sec. 4.1 and Appendix B.1 (Table 3): Adam (beta1 0.9, beta2 0.999), batch 4096,
-    # 10k linear warm-up steps then linear decay, weight decay 0.1 ("high weight decay of 0.1,
-    # useful for transfer of all models"), dropout 0.1 (Table 3's ImageNet-21k rows, which list
-    # lr 1e-3 and 90 epochs for ViT-B), global-norm clipping at 1, 224 px, inception crop + flip.
-    # The official Flax Adam decays weights decoupled from the gradient, scaled by the lr: AdamW.
     "vit_paper_pretrain": Recipe(
-        TrainConfig(
-            model="vit_b16", model_overrides={"dropout": 0.1},
-            data=DataConfig(crop="rrc", hflip=True, num_workers=8),
-            optim=OptimConfig(optimizer="adamw", lr=1e-3, lr_batch_size=4096, weight_decay=0.1,
-                              warmup_steps=10_000, schedule="linear", clip_grad_norm=1.0),
-            batch_size=4096, epochs=90, precision="bf16"),
+        _PAPER_PRETRAIN,
         "ViT-B/16 pre-training as in the paper (lr 1e-3 at batch 4096, scaled to --batch-size)",
         "Dosovitskiy et al. 2020, Sec. 4.1 and Appendix B.1, Table 3 (ImageNet-21k rows)"),
     # Table 3's ImageNet row: 300 epochs, lr 3e-3, cosine decay, wd 0.3, dropout 0.1, clipping at 1.
     "vit_paper_imagenet": Recipe(
-        TrainConfig(
-            model="vit_b16", model_overrides={"dropout": 0.1},
-            data=DataConfig(crop="rrc", hflip=True, num_workers=8),
-            optim=OptimConfig(optimizer="adamw", lr=3e-3, lr_batch_size=4096, weight_decay=0.3,
-                              warmup_steps=10_000, schedule="cosine", clip_grad_norm=1.0),
-            batch_size=4096, epochs=300, precision="bf16"),
+        replace(_PAPER_PRETRAIN, epochs=300,
+                optim=replace(_PAPER_PRETRAIN.optim, lr=3e-3, weight_decay=0.3, schedule="cosine")),
         "ViT-B/16 from scratch on ImageNet-1k as in the paper (strong regularisation)",
         "Dosovitskiy et al. 2020, Appendix B.1, Table 3 (ImageNet row)"),
     # A first version for a small ViT from scratch on 32-px images; the paper has no such
