@@ -200,14 +200,19 @@ class VisionTransformer(nn.Module):
         h, w = x.shape[-2:] if x.ndim == 4 else (None, None)
         expected = as_pair(self.cfg.image_size)
         x = self.patch_embed(x)  # validates rank, channels, divisibility
+        pos_embed = self.pos_embed
         if (h, w) != expected:
-            raise ValueError(
-                f"expected {expected[0]}x{expected[1]} images, got {h}x{w}; "
-                f"call model.set_image_size(({h}, {w})) to resample the position embeddings"
-            )
+            if not self.cfg.dynamic_image_size:
+                raise ValueError(
+                    f"expected {expected[0]}x{expected[1]} images, got {h}x{w}; "
+                    f"call model.set_image_size(({h}, {w})) to resample the position embeddings"
+                )
+            p = self.cfg.patch_size  # resampled in the graph: gradients reach the stored grid
+            pos_embed = resample_posemb(pos_embed, (h // p, w // p), num_prefix_tokens=self.cfg.num_prefix_tokens,
+                                        old_grid=self.cfg.grid_size, mode=self.cfg.posemb_mode)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> encoded tokens after the final norm (B, prefix + N, D)."""
