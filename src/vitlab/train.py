@@ -394,17 +394,19 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
                   device: torch.device, *, warmup: int = 3, timed: int = 5) -> tuple[float, float, float]:
     """Seconds per training step, per evaluation and per checkpoint, timed on a throwaway copy.
 
-    With progressive resizing the step time is the mean over the run, each image size timed and
-    weighted by its share of the steps. The copy has its own optimiser and the RNG states are
+    With progressive resizing the step time is the mean over the run, weighted by each image
+    size's share of the steps (the smallest and the full size are timed, sizes between interpolated). The copy has its own optimiser and the RNG states are
     restored afterwards, so the run itself is untouched: sizing the schedule does not change
     what the run computes.
     """
     probe = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe, cfg.optim)
     batches = loader.epoch(0)
-    step_s = 0.0
+    shares = size_fractions(cfg)
+    timed_sizes = sorted({min(shares), max(shares)}, reverse=True)
+    step_times: dict[int, float] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for size, share in size_fractions(cfg).items():
+        for size in timed_sizes:
             times = []
             for _ in range(min(warmup + timed, len(loader) // cfg.accum_steps)):
                 start = time.perf_counter()
@@ -419,7 +421,12 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
-            step_s += share * statistics.median(times[warmup:] or times)
+            step_times[size] = statistics.median(times[warmup:] or times)
+        # Between the smallest and the full size a step's time is taken as linear in the pixel
+        # (token) count: most of the work is per token; attention's quadratic part is small here.
+        lo, hi = min(step_times), max(step_times)
+        slope = (step_times[hi] - step_times[lo]) / (hi**2 - lo**2) if hi > lo else 0.0
+        step_s = sum(share * (step_times[lo] + slope * (size**2 - lo**2)) for size, share in shares.items())
         eval_s = 0.0
         if eval_loader is not None and len(eval_loader):
             batch_times = []
@@ -442,17 +449,19 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
 
 
 def resolve_length(cfg: TrainConfig, steps_per_epoch: int, measure: Callable[[], tuple[float, float, float]], *,
-                   elapsed: float = 0.0, log: Callable[[str], None] = print) -> tuple[TrainConfig, dict | None]:
+                   started: float | None = None, log: Callable[[str], None] = print) -> tuple[TrainConfig, dict | None]:
     """The config with its run length and intervals fixed in steps, and how a time budget sized it.
 
     A time budget calls ``measure()`` (seconds per step, evaluation, checkpoint) and takes the
-    most steps that fit in what is left of the budget after ``elapsed`` seconds.
+    most steps that fit in what is left of the budget since ``started`` (a ``time.perf_counter()``
+    reading; the measurement itself counts against the budget).
     """
     eval_every = cfg.eval_every or steps_per_epoch
     checkpoint_every = cfg.checkpoint_every or eval_every
     sizing = None
     if cfg.time_budget:
         step_s, eval_s, ckpt_s = measure()
+        elapsed = 0.0 if started is None else time.perf_counter() - started
         total = steps_for_budget(parse_duration(cfg.time_budget) - elapsed, step_s=step_s, eval_s=eval_s,
                                  eval_every=eval_every, ckpt_s=ckpt_s, checkpoint_every=checkpoint_every)
         if total < 1:
@@ -540,7 +549,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             log(f"{run} has no checkpoint yet; starting it from step 0")
     else:
         cfg, sizing = resolve_length(cfg, steps_per_epoch, lambda: measure_speed(
-            model, cfg, loader, eval_loader, device), elapsed=time.perf_counter() - start_time, log=log)
+            model, cfg, loader, eval_loader, device), started=start_time, log=log)
         if is_main:
             write_json(run / CONFIG_FILE, {
                 "train": to_dict(cfg), "model_type": type(model_cfg).__name__, "model": to_dict(model_cfg),
