@@ -180,7 +180,7 @@ def write_results(points: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budgets", type=float, nargs="+", default=[10, 30, 60, 120], help="minutes")
+    p.add_argument("--budgets", type=float, nargs="*", default=[10, 30, 60, 120], help="minutes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--baseline-budgets", type=float, nargs="*", default=[30],
                    help="budgets (minutes) for the cifar10_baseline recipe, seed of --seeds[0]")

@@ -1,4 +1,6 @@
 """Progressive resizing (train loop) and dynamic image size (ViT): the knobs of the cifar10 recipe."""
+import json
+
 import pytest
 import torch
 
@@ -66,3 +68,13 @@ def test_cifar_recipes_are_documented_and_valid():
     for name in ("cifar10", "cifar10_baseline"):
         assert RECIPES[name].source and RECIPES[name].description
         RECIPES[name].config.data_config()
+
+
+def test_a_time_budget_sizes_a_resized_run(tmp_path):
+    data = write_learnable_cifar(tmp_path / "cifar-10-batches-bin")
+    cfg = TrainConfig(model="vit_mu4_32px", model_overrides={**TINY, "dynamic_image_size": True},
+                      data=DataConfig(path=str(data)), batch_size=16, time_budget="3s", threads=1,
+                      precision="fp32", min_image_size=16)
+    result = train(cfg, tmp_path / "run", log=lambda msg: None)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["sized_by"]["step_s"] > 0 and result.step == config["train"]["steps"] >= 1
