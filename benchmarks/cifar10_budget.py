@@ -75,6 +75,7 @@ def run_point(recipe: str, minutes: float, seed: int, data: str, runs: Path, ext
            "--seed", str(seed), "--eval-every", "1000000", "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     print("$ " + " ".join(cmd), flush=True)
+    where = machine()  # before the run: the git commit is the code it ran
     sampler = LoadSampler()
     sampler.start()
     start = time.perf_counter()
@@ -92,7 +93,7 @@ def run_point(recipe: str, minutes: float, seed: int, data: str, runs: Path, ext
             "wall_s": round(wall, 1), "test_top1": final["eval_top1"], "test_top5": final["eval_top5"],
             "steps": final["step"], "epochs": round(final["step"] / config["steps_per_epoch"], 2),
             "step_s_sized": round(config["sized_by"]["step_s"], 3), "run_dir": str(out),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **load, **machine()}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **load, **where}
 
 
 def load_store() -> list[dict]:
