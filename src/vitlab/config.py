@@ -45,7 +45,7 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
     fused_attention: bool = True  # scaled_dot_product_attention, else explicit softmax
     posemb_mode: PosembMode = "bicubic"  # how position embeddings are resampled
-    dynamic_image_size: bool = False  # accept any multiple of patch_size, resampling posemb in forward
+    dynamic_image_size: bool = False  # any image size: position embeddings resampled in forward
     # Input preprocessing the weights expect (kept with the model so outputs match).
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # (0.5, 0.5) maps [0, 1] to [-1, 1]
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)

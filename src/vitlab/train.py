@@ -73,8 +73,8 @@ class TrainConfig:
     # Progressive resizing: training images are downscaled to sizes rising linearly from
     # `min_image_size` to the model's size over the first `resize_until` of the steps (see
     # `image_size_at`); cheaper early steps buy more of them. The model needs dynamic_image_size.
-    min_image_size: int = 0  # 0: off
-    resize_until: float = 0.75
+    min_image_size: int = 0  # progressive resizing: the first training size (0: off)
+    resize_until: float = 0.75  # progressive resizing: the model's size is reached at this fraction of the steps
     precision: Precision = "bf16"  # bf16 autocast (CPU and CUDA) or plain fp32
     ema_decay: float = 0.0  # weight EMA per step; 0 disables (when on, the EMA is evaluated and saved)
     eval_every: int = 0  # steps between evaluations; 0: once per epoch (always at the end)

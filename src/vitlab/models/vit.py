@@ -207,8 +207,9 @@ class VisionTransformer(nn.Module):
                     f"expected {expected[0]}x{expected[1]} images, got {h}x{w}; "
                     f"call model.set_image_size(({h}, {w})) to resample the position embeddings"
                 )
-            p = self.cfg.patch_size  # resampled in the graph: gradients reach the stored grid
-            pos_embed = resample_posemb(pos_embed, (h // p, w // p), num_prefix_tokens=self.cfg.num_prefix_tokens,
+            # Resampled in the graph, so gradients reach the stored grid.
+            grid = replace_checked(self.cfg, image_size=(h, w)).grid_size
+            pos_embed = resample_posemb(pos_embed, grid, num_prefix_tokens=self.cfg.num_prefix_tokens,
                                         old_grid=self.cfg.grid_size, mode=self.cfg.posemb_mode)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
