@@ -391,13 +391,14 @@ def steps_for_budget(seconds: float, *, step_s: float, eval_s: float, eval_every
 
 
 def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loader: Loader | None,
-                  device: torch.device, *, warmup: int = 3, timed: int = 5) -> tuple[float, float, float]:
+                  device: torch.device, *, warmup: int = 3, timed: int = 5,
+                  max_seconds: float = math.inf) -> tuple[float, float, float]:
     """Seconds per training step, per evaluation and per checkpoint, timed on a throwaway copy.
 
     With progressive resizing the step time is the mean over the run, weighted by each image
     size's share of the steps (the smallest and the full size are timed, sizes between interpolated). The copy has its own optimiser and the RNG states are
     restored afterwards, so the run itself is untouched: sizing the schedule does not change
-    what the run computes.
+    what the run computes. Past ``max_seconds`` each size gets no more than two steps (one timed).
     """
     probe = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe, cfg.optim)
@@ -405,6 +406,7 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
     shares = size_fractions(cfg)
     timed_sizes = sorted({min(shares), max(shares)}, reverse=True)
     step_times: dict[int, float] = {}
+    probe_start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for size in timed_sizes:
             times = []
@@ -421,7 +423,9 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
-            step_times[size] = statistics.median(times[warmup:] or times)
+                if len(times) >= 2 and time.perf_counter() - probe_start > max_seconds:
+                    break
+            step_times[size] = statistics.median(times[min(warmup, len(times) - 1):])
         # Between the smallest and the full size a step's time is taken as linear in the pixel
         # (token) count: most of the work is per token; attention's quadratic part is small here.
         lo, hi = min(step_times), max(step_times)
@@ -548,8 +552,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         else:
             log(f"{run} has no checkpoint yet; starting it from step 0")
     else:
-        cfg, sizing = resolve_length(cfg, steps_per_epoch, lambda: measure_speed(
-            model, cfg, loader, eval_loader, device), started=start_time, log=log)
+        cfg, sizing = resolve_length(cfg, steps_per_epoch, lambda: measure_speed(  # probing: <= ~5% of a budget
+            model, cfg, loader, eval_loader, device, max_seconds=0.05 * parse_duration(cfg.time_budget or "1s")),
+            started=start_time, log=log)
         if is_main:
             write_json(run / CONFIG_FILE, {
                 "train": to_dict(cfg), "model_type": type(model_cfg).__name__, "model": to_dict(model_cfg),
