@@ -32,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS, STORE, PNG = HERE / "RESULTS.md", HERE / "cifar10_budget.json", HERE / "cifar10_budget.png"
+DATA_GUESSES = [base / "shared" / "data" / "cifar-10-batches-bin" for base in (ROOT.parent, ROOT.parent.parent)]
 START, END = "<!-- cifar10_budget:start -->", "<!-- cifar10_budget:end -->"
 
 
@@ -186,15 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-budgets", type=float, nargs="*", default=[30],
                    help="budgets (minutes) for the cifar10_baseline recipe, seed of --seeds[0]")
     p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar-10-batches-bin"))
+    p.add_argument("--data", default=next((str(d) for d in DATA_GUESSES if d.is_dir()), "cifar10"),
+                   help="a CIFAR-10 folder (default: ../shared/data/cifar-10-batches-bin from the checkout or "
+                        "its parent; else cifar10, which downloads)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10_budget")
     p.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the PNG from the stored points")
     p.add_argument("extra", nargs="*", help="after --: more `vitlab train` options for every run")
     args = p.parse_args(argv)
     points = load_store()
     if not args.report_only:
-        if not Path(args.data).is_dir():
-            raise SystemExit(f"no CIFAR-10 at {args.data}; pass --data PATH")
         plan = [("cifar10", m, s) for m in args.budgets for s in args.seeds]
         if not args.no_baseline:
             plan += [("cifar10_baseline", m, args.seeds[0]) for m in args.baseline_budgets]
