@@ -7,6 +7,7 @@ import torch
 from vitlab.config import ViTConfig
 from vitlab.data import DataConfig
 from vitlab.models.vit import VisionTransformer
+from vitlab.models.vit import drop_patches as vitlab_drop
 from vitlab.recipes import RECIPES
 from vitlab.train import TrainConfig, image_size_at, read_metrics, size_fractions, train
 
@@ -78,3 +79,21 @@ def test_a_time_budget_sizes_a_resized_run(tmp_path):
     result = train(cfg, tmp_path / "run", log=lambda msg: None)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["sized_by"]["step_s"] > 0 and result.step == config["train"]["steps"] >= 1
+
+
+def test_patch_dropout_keeps_a_random_subset_in_training_only():
+    model = tiny_vit(patch_dropout=0.5, pool="gap", class_token=False)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 32, TINY["width"])  # half of the 64 patches
+    tokens.sum().backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    model.eval()
+    assert model.forward_features(x).shape == (2, 64, TINY["width"])
+    kept = vitlab_drop(torch.arange(2 * 5 * 1.0).reshape(2, 5, 1), 0.25, 1)
+    assert kept.shape == (2, 4, 1) and kept[:, 0, 0].tolist() == [0.0, 5.0]  # the prefix token stays
+    assert all(len(set(row)) == 3 and set(row) <= set(range(b * 5 + 1, b * 5 + 5))
+               for b, row in enumerate(kept[:, 1:, 0].long().tolist()))
+    with pytest.raises(ValueError, match="patch_dropout"):
+        ViTConfig(patch_dropout=1.0)

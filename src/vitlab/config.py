@@ -39,6 +39,7 @@ class ViTConfig:
     dropout: float = 0.0  # after the embedding, in the MLP and after attention
     attention_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth, rate rising linearly to this value
+    patch_dropout: float = 0.0  # training only: drop this fraction of patch tokens per image (PatchDropout)
     head_dropout: float = 0.0
     gelu: Gelu = "exact"  # the official JAX code uses "tanh"
     qkv_bias: bool = True
@@ -59,6 +60,8 @@ class ViTConfig:
             )
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.pool not in ("token", "gap"):
             raise ValueError(f"pool must be 'token' or 'gap', got {self.pool!r}")
         if self.pool == "token" and not self.class_token:
