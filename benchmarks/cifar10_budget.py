@@ -160,12 +160,28 @@ def section(points: list[dict]) -> str:
                 f"{statistics.mean(accs):.2f}%{std} | {statistics.mean(p['wall_s'] for p in ps) / 60:.1f} min | "
                 f"{round(statistics.mean(p['steps'] for p in ps))} ({statistics.mean(p['epochs'] for p in ps):.2f}) | "
                 f"{statistics.mean(p['load_mean'] for p in ps):.1f} / {max(p['load_max'] for p in ps):.1f} |")
-    lines += ["", f"![test accuracy against wall time]({PNG.name})", "", "Commands, machines and versions:", ""]
+    lines += ["", f"![test accuracy against wall time]({PNG.name})", ""]
+    todo = missing(points)
+    if todo:
+        lines += ["Not measured yet (issue 8's protocol); on a quiet machine, run:", ""]
+        lines += [f"    python benchmarks/cifar10_budget.py {args}" for args in todo] + [""]
+    lines += ["Commands, machines and versions:", ""]
     for p in points:
         lines.append(f"- {p['date']}, {p['cpu']} ({p['cores']} cores), torch {p['torch']}, python {p['python']}, "
                      f"git {p['git']}: `{p['command']}` -> {100 * p['test_top1']:.2f}% in {p['wall_s'] / 60:.1f} min")
     lines.append(END)
     return "\n".join(lines)
+
+
+def missing(points: list[dict]) -> list[str]:
+    """Arguments of this script that complete issue 8's protocol: 10/30/60/120 min, 3 seeds at 30, baseline at 30."""
+    have = {(p["recipe"], p["budget_min"], p["seed"]) for p in points}
+    budgets = [m for m in (10, 30, 60, 120) if ("cifar10", m, 0) not in have]
+    seeds = [s for s in (0, 1, 2) if ("cifar10", 30, s) not in have and not (s == 0 and 30 in budgets)]
+    todo = [f"--budgets {' '.join(map(str, budgets))} --no-baseline"] if budgets else []
+    todo += [f"--budgets 30 --seeds {' '.join(map(str, seeds))} --no-baseline"] if seeds else []
+    todo += ["--budgets --baseline-budgets 30"] if ("cifar10_baseline", 30, 0) not in have else []
+    return todo
 
 
 def write_results(points: list[dict]) -> None:
