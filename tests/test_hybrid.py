@@ -1,5 +1,3 @@
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vitlab
 from vitlab.cli import main
 from vitlab.models.hybrid import HybridViT
+from helpers import n_params
 
 # Official vit_jax hybrid configs, 224 px, 1000 classes; equal to timm's ports (same architecture).
 HYBRID_PARAMS = {
@@ -21,10 +20,6 @@ TIMM_NAMES = {"r50_vit_b16": "vit_base_r50_s16_224", "r50_vit_l32": "vit_large_r
 # Tokens (grid) at 224 and 384: R50 (3, 4, 9) is /16; four stages are /32; the stem alone
 # (/4) with 8 x 8 patches is /32 too, as in the official code and timm.
 GRIDS = {"r50_vit_b16": (14, 24), "r50_vit_l32": (7, 12), "r26_vit_s32": (7, 12), "r_vit_ti16": (7, 12)}
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(HYBRID_PARAMS))
@@ -107,26 +102,18 @@ def test_bad_input_and_config():
 
 # --- numerics against timm -------------------------------------------------------------
 
-def timm_to_vitlab(key: str) -> str:
-    """timm hybrid ViT state-dict key -> vitlab HybridViT key (to move to interop)."""
-    key = key.replace("patch_embed.backbone.stem.", "patch_embed.backbone.")  # the stem-only backbone has no "stem."
-    key = key.replace("patch_embed.backbone.conv.", "patch_embed.conv_root.")
-    key = key.replace("patch_embed.backbone.norm.", "patch_embed.gn_root.")
-    key = key.replace("downsample.conv.", "conv_proj.").replace("downsample.norm.", "gn_proj.")
-    key = re.sub(r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.norm(\d)", r"patch_embed.stages.\1.\2.gn\3", key)
-    return re.sub(r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.", r"patch_embed.stages.\1.\2.", key)
-
-
 @pytest.mark.parametrize("name", ["r50_vit_b16", "r26_vit_s32", "r_vit_ti16"])  # R50+L/32 is R26+S/32's code
 def test_logits_match_timm(name):
     timm = pytest.importorskip("timm")
+    from vitlab.interop import import_model
+
     torch.manual_seed(0)
     ref = timm.create_model(TIMM_NAMES[name], pretrained=False, img_size=64, depth=1, num_classes=10).eval()
     for key, p in ref.named_parameters():  # non-trivial norms and head
         if "norm" in key or "head" in key:
             torch.nn.init.normal_(p, std=0.5)
-    ours = vitlab.create_model(name, image_size=64, depth=1, num_classes=10, gn_eps=1e-5).eval()  # timm: GN eps 1e-5
-    ours.load_state_dict({timm_to_vitlab(k): v for k, v in ref.state_dict().items()}, strict=True)
+    ours, _ = import_model(ref.state_dict(), like=vitlab.model_config(name, image_size=64, depth=1, num_classes=10))
+    assert (ours.cfg.gn_eps, ours.cfg.ws_eps) == (1e-5, 1e-8)  # timm's numerics, kept from the source
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max() <= 1e-4

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import vitlab
+from helpers import randomise
 from vitlab.cli import main
 from vitlab.interop import export_model, export_onnx, import_model
 from vitlab.models.posemb import sincos_2d
@@ -19,17 +20,6 @@ from vitlab.models.vit import vit_config
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
-
-
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values everywhere (zero-initialised heads and biases too), norms near 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            is_norm_scale = p.ndim == 1 and ("norm" in name or "layernorm" in name) and name.endswith("weight")
-            p.copy_(1 + 0.1 * noise if is_norm_scale else 0.2 * noise)
-    return module.eval()
 
 
 def images(n=2, size=32, seed=1):

@@ -1,4 +1,3 @@
-import re
 from functools import partial
 
 import pytest
@@ -9,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vitlab
 from vitlab.cli import main
 from vitlab.models.resnet import StdConv2d, pad_same, standardize_weight
+from helpers import n_params
 
 # Official BiT shapes (google-research/big_transfer); equal to timm's resnetv2_{50x1,...}_bit.
 BIT_PARAMS = {  # 1000 classes (BiT-S / ILSVRC-2012 heads), 21843 classes (BiT-M / ImageNet-21k)
@@ -20,10 +20,6 @@ BIT_PARAMS = {  # 1000 classes (BiT-S / ILSVRC-2012 heads), 21843 classes (BiT-M
 }
 TIMM_NAMES = {"bit_r50x1": "resnetv2_50x1_bit", "bit_r50x3": "resnetv2_50x3_bit", "bit_r101x1": "resnetv2_101x1_bit",
               "bit_r101x3": "resnetv2_101x3_bit", "bit_r152x4": "resnetv2_152x4_bit"}
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(BIT_PARAMS))
@@ -97,18 +93,13 @@ def test_tf_same_padding(n, k, s, pads):
 
 # --- numerics against timm -------------------------------------------------------------
 
-def timm_to_vitlab(key: str) -> str:
-    """timm ResNetV2 state-dict key -> vitlab ResNetV2 key (to move to interop)."""
-    key = key.replace("stem.conv.", "conv_root.").replace("head.fc.", "head.").replace("downsample.conv.", "downsample.")
-    key = re.sub(r"stages\.(\d+)\.blocks\.(\d+)\.norm(\d)", r"stages.\1.\2.gn\3", key)
-    return re.sub(r"stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", key)
-
-
 @pytest.mark.parametrize("layers, width_factor", [((3, 4, 6, 3), 1), ((1, 1, 1, 1), 2)])
 def test_logits_match_timm(layers, width_factor):
     pytest.importorskip("timm")
     from timm.layers import StdConv2d as TimmStdConv2d
     from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
+
+    from vitlab.interop import import_model
 
     torch.manual_seed(0)
     ref = TimmResNetV2(layers=list(layers), width_factor=width_factor, num_classes=10, stem_type="fixed",
@@ -116,9 +107,9 @@ def test_logits_match_timm(layers, width_factor):
     for name, p in ref.named_parameters():  # non-trivial norms and head
         if "norm" in name or "head" in name:
             torch.nn.init.normal_(p, std=0.5)
-    sd = {timm_to_vitlab(k): v.flatten(1) if k == "head.fc.weight" else v for k, v in ref.state_dict().items()}
-    ours = vitlab.create_model("bit_r50x1", layers=layers, width_factor=width_factor, num_classes=10, ws_eps=1e-8).eval()
-    ours.load_state_dict(sd, strict=True)
+    like = vitlab.model_config("bit_r50x1", layers=layers, width_factor=width_factor, num_classes=10)
+    ours, _ = import_model(ref.state_dict(), like=like)  # the timm key map of vitlab.interop
+    assert ours.cfg.ws_eps == 1e-8  # timm's numerics
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max() <= 1e-4

@@ -8,7 +8,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,35 +16,18 @@ import vitlab
 from vitlab.cli import build_parser, main
 from vitlab.data import DataConfig
 from vitlab.recipes import RECIPES, recipe
-from vitlab.train import (TrainConfig, TrainingDiverged, every, load_run_config, override, parse_duration,
+from vitlab.train import (TrainConfig, every, load_run_config, override, parse_duration,
                           read_metrics, resume, steps_for_budget, train)
+from helpers import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
 TINY_ARGS = ["--model", "vit_mu4_32px", "--width", "32", "--depth", "1", "--mlp-dim", "64", "--num-heads", "2"]
 
 
-def write_learnable_cifar(root: Path, per_batch: int = 16, n_test: int = 20) -> Path:
-    """A tiny CIFAR-10 binary folder whose classes differ in colour, so a few steps learn something."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-
-    def records(n):
-        labels = np.arange(n) % 10
-        pixels = rng.integers(0, 60, (n, 3, 32, 32)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            pixels[i, c % 3] += np.uint8(20 * c)
-        return np.concatenate([labels[:, None].astype(np.uint8), pixels.reshape(n, -1)], 1).tobytes()
-
-    for i in range(1, 6):
-        (root / f"data_batch_{i}.bin").write_bytes(records(per_batch))
-    (root / "test_batch.bin").write_bytes(records(n_test))
-    return root
-
-
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
-    return write_learnable_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
+    return write_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
 
 
 @pytest.fixture(autouse=True)

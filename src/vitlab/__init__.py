@@ -2,6 +2,7 @@
 from .checkpoint import LoadedModel, load_model, save_model
 from .config import BiTConfig, HybridConfig, ViTConfig
 from .flops import count_flops
+from .inference import optimize
 from .models import create_model, list_models, model_config
 from .models.hybrid import HybridViT
 from .models.resnet import ResNetV2
@@ -11,4 +12,4 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BiTConfig", "HybridConfig", "HybridViT", "ResNetV2",
-    "LoadedModel", "load_model", "save_model","ViTConfig", "VisionTransformer", "count_flops", "create_model", "list_models", "model_config"]
+    "LoadedModel", "load_model", "save_model","ViTConfig", "VisionTransformer", "count_flops", "create_model", "list_models", "model_config", "optimize"]

@@ -77,9 +77,13 @@ class LoadedModel:
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, *, class_names: list[str] | None = None,
-               meta: dict[str, Any] | None = None) -> Path:
-    """Atomically write ``model`` (weights + config + class names) to one safetensors file."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+               meta: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Atomically write ``model`` (weights + config + class names) to one safetensors file.
+
+    ``state_dict`` replaces ``model.state_dict()``: the gathered weights of a sharded model.
+    """
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     metadata = {
         "format": "vitlab",
         "config_type": type(model.cfg).__name__,

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 from .config import as_pair
+from .distributed import print0
+from .fewshot import FEATURE_CACHE
+from .transfer import LR_SWEEP, MINIVAL
 from .flops import count_flops
 from .inspect import inspect_checkpoint
 from .models import build_model, get_spec, list_models
+from .train import Interrupted, TrainingDiverged
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -101,7 +106,7 @@ def add_train_options(p: argparse.ArgumentParser) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from scratch (or continue a run): a progress bar, metrics.jsonl, curves.png, checkpoints."""
     from .recipes import RECIPES, recipe
-    from .train import BEST_FILE, CURVES_FILE, LAST_FILE, Interrupted, TrainConfig, TrainingDiverged, override
+    from .train import BEST_FILE, CURVES_FILE, LAST_FILE, TrainConfig, override
     from .train import resume, train
 
     if args.list_recipes:
@@ -109,31 +114,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{name:<20}{r.description}\n{'':<20}source: {r.source}")
         return 0
     overrides = {k: getattr(args, k) for k in args.config_options if hasattr(args, k)}
-    try:
-        if args.resume:
-            if args.recipe or args.out:
-                raise ValueError("--resume RUN continues RUN as configured; it takes no --recipe or --out")
-            result = resume(args.resume, **overrides)
-        else:
-            cfg = override(recipe(args.recipe) if args.recipe else TrainConfig(), **overrides)
-            out = args.out or f"runs/{args.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-            result = train(cfg, out)
-    except Interrupted as err:
-        print(f"vitlab train: {err}", file=sys.stderr)
-        return 128 + err.signum
-    except TrainingDiverged as err:
-        print(f"vitlab train: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
-        print("vitlab train: interrupted", file=sys.stderr)
-        return 130
+    if args.resume:
+        if args.recipe or args.out:
+            raise ValueError("--resume RUN continues RUN as configured; it takes no --recipe or --out")
+        result = resume(args.resume, **overrides)
+    else:
+        cfg = override(recipe(args.recipe) if args.recipe else TrainConfig(), **overrides)
+        out = args.out or f"runs/{args.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = train(cfg, out)
     run = result.run_dir
     if result.eval:
         e = result.eval
-        print(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
-              f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
-    print(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
-    print(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
+        print0(f"{e['eval_split']} accuracy after {result.step} steps: top-1 {100 * e['eval_top1']:.2f}%, "
+               f"top-5 {100 * e['eval_top5']:.2f}% (best top-1 {100 * (result.best_top1 or 0):.2f}%)")
+    print0(f"model: {run / LAST_FILE}" + (f", best: {run / BEST_FILE}" if (run / BEST_FILE).exists() else ""))
+    print0(f"plots: {run / CURVES_FILE}; metrics: {run / 'metrics.jsonl'}")
     return 0
 
 
@@ -186,6 +181,107 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- fewshot / finetune
+
+def parse_list(text: str, cast: type, what: str) -> list:
+    """``"1,5,10"`` -> ``[1, 5, 10]``; a bad item is a ValueError naming it."""
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"cannot read {what} {text!r}; write comma-separated numbers, e.g. 1,5,10") from None
+    if not values:
+        raise ValueError(f"{what} is empty; write comma-separated numbers, e.g. 1,5,10")
+    return values
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    """Few-shot linear evaluation of frozen features: accuracy mean and std over seeds per k."""
+    from .fewshot import fewshot_checkpoint
+    from .train import resolve_device
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    report = fewshot_checkpoint(
+        args.checkpoint, args.data, shots=parse_list(args.shots, int, "--shots"), seeds=args.seeds,
+        feature=args.feature, l2=args.l2, probe=args.probe, batch_size=args.batch_size,
+        device=resolve_device(args.device), cache_dir=args.cache_dir, progress=not args.json, log=log)
+    cached = ", ".join(f"{split} {'from the cache' if n == 0 else f'{n} computed'}"
+                       for split, n in report.computed.items())
+    log(f"features: {cached}")
+    print(json.dumps(report.to_dict()) if args.json else report.table())
+    return 0
+
+
+# Model fields a fine-tuning run may change (the architecture is the checkpoint's).
+FINETUNE_MODEL_FIELDS = ("dropout", "attention_dropout", "drop_path", "head_dropout", "fused_attention")
+
+
+def add_finetune_options(p: argparse.ArgumentParser) -> list[str]:
+    """The training options that make sense for fine-tuning, with the ``finetune`` recipe's defaults."""
+    from .config import ViTConfig
+    from .data import DataConfig
+    from .optim import OptimConfig
+    from .options import add_options
+    from .recipes import recipe
+    from .train import DERIVED_DATA_FIELDS, TrainConfig
+
+    base = recipe("finetune")
+    names = add_options(p.add_argument_group("training (TrainConfig)"), TrainConfig, defaults=base,
+                        exclude=("model", "epochs", "time_budget", "init_from", "train_blocks"))
+    names += add_options(p.add_argument_group("optimisation (OptimConfig)"), OptimConfig, defaults=base.optim,
+                         exclude=("lr",))
+    names += add_options(p.add_argument_group("data (DataConfig)"), DataConfig, defaults=base.data,
+                         exclude=(*DERIVED_DATA_FIELDS, "path", "val_split"))
+    model_fields = [f.name for f in dataclasses.fields(ViTConfig) if f.name not in FINETUNE_MODEL_FIELDS]
+    names += add_options(p.add_argument_group("model regularisation"), ViTConfig, exclude=tuple(model_fields))
+    return names
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a checkpoint on new data: lr sweep on a minival, then the chosen lr on all of train."""
+    from .transfer import finetune, finetune_config
+
+    if args.freeze == "backbone" and args.train_blocks not in (None, 0):
+        raise ValueError(f"--freeze backbone trains the head only, but --train-blocks {args.train_blocks} "
+                         f"trains blocks too; pass one of them")
+    train_blocks = 0 if args.freeze == "backbone" else (-1 if args.train_blocks is None else args.train_blocks)
+    overrides = {k: getattr(args, k) for k in args.config_options if hasattr(args, k)}
+    cfg = finetune_config(args.checkpoint, args.data, image_size=args.image_size, posemb_mode=args.posemb_mode,
+                          keep_pre_logits=args.keep_pre_logits, train_blocks=train_blocks, **overrides)
+    lrs = parse_list(args.lr, float, "--lr")
+    out = args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = finetune(cfg, out, lrs, minival=args.minival)
+    if result.sweep:
+        print(f"{'lr':>8}{'minival top-1':>16}")
+        for s in result.sweep:
+            print(f"{s['lr']:>8g}{100 * s['minival_top1']:>15.2f}%" + ("  <- chosen" if s["lr"] == result.lr else ""))
+    print(f"lr {result.lr:g} on the whole training set: {result.eval_split} top-1 {100 * result.test_top1:.2f}%, "
+          f"top-5 {100 * result.test_top5:.2f}% ({result.wall_s:.0f} s)")
+    print(f"model: {result.final_run / 'last.safetensors'}; summary: {result.out / 'finetune.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time vitlab against timm and transformers, interleaved; print (and save) the markdown report."""
+    from . import bench
+
+    cases = bench.QUICK_CASES if args.quick else bench.FULL_CASES
+    cases = tuple(c for c in cases if any(part in c.name for part in args.cases.split(",")))
+    if not cases:
+        raise ValueError(f"no benchmark case matches {args.cases!r}; see `vitlab bench --help`")
+    rounds = args.rounds or (3 if args.quick else 5)
+    report = bench.run(cases, rounds=rounds, target_s=0.3 if args.quick else 0.5, threads=args.threads,
+                       compile=not (args.quick or args.no_compile), memory=not (args.quick or args.no_memory),
+                       data=args.data, epoch_batches=args.epoch_batches, clock=args.clock,
+                       log=lambda msg: print(msg, file=sys.stderr))
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,10 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="import official/big_vision .npz, timm or Hugging Face weights")
-    p.add_argument("src", help=".npz file, timm .safetensors/.pth, or a Hugging Face folder")
+    p = sub.add_parser("convert", help="import official/big_vision/BiT .npz, timm or Hugging Face weights")
+    p.add_argument("src", help=".npz file (ViT, hybrid or BiT), timm .safetensors/.pth, or a Hugging Face folder")
     p.add_argument("dst", help="the vitlab model file to write (.safetensors)")
-    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "bit", "timm", "hf"],
+                   help="force the format")
     p.add_argument("--model", help="check the checkpoint against this preset's architecture")
     p.add_argument("--num-heads", type=int, help="heads (timm state dicts do not record them)")
     p.add_argument("--image-size", type=int, help="input size, when the checkpoint cannot tell it")
@@ -219,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, official .npz or ONNX")
     p.add_argument("checkpoint", help="vitlab model file or run directory")
-    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official) or .onnx")
-    p.add_argument("--to", choices=["official", "big_vision", "timm", "hf"], help="force the format")
+    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official; BiT's for a BiT "
+                               "model) or .onnx")
+    p.add_argument("--to", choices=["official", "big_vision", "bit", "timm", "hf"], help="force the format")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
     p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
     p.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
@@ -253,6 +351,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("fewshot", help="few-shot linear evaluation of frozen features (the paper's ridge)",
+                       allow_abbrev=False)
+    p.add_argument("--from", dest="checkpoint", metavar="CHECKPOINT", required=True, help="model file or run directory")
+    p.add_argument("--data", required=True, help="data with a train split and a test (or val) split")
+    p.add_argument("--shots", default="1,5,10,25", help="examples per class, comma-separated (default 1,5,10,25)")
+    p.add_argument("--seeds", type=int, default=3, help="random k-shot draws to average over (default 3)")
+    p.add_argument("--feature", default="pre_logits", help="named intermediate, e.g. pre_logits, encoded, block_05")
+    p.add_argument("--l2", type=float, default=1024.0, help="ridge regularisation (default 1024)")
+    p.add_argument("--probe", choices=["logistic"], help="also fit a logistic-regression probe on the same shots")
+    p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=FEATURE_CACHE, help=f"extracted features are kept here ({FEATURE_CACHE})")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on new classes at a new resolution (paper recipe)",
+                       allow_abbrev=False,
+                       description="Fine-tune as in the paper: new zero head, position embeddings resampled to "
+                                   "the new grid, SGD momentum 0.9, warm-up + cosine, batch 512. Several --lr values "
+                                   "are swept on a minival held out from train; the best is trained on all of train "
+                                   "and evaluated on test. Writes RUN/lr_<lr>/, RUN/final/ and RUN/finetune.json.")
+    p.add_argument("--from", dest="checkpoint", metavar="CHECKPOINT", required=True, help="model file or run directory")
+    p.add_argument("--data", required=True, help="the new data (train and test splits)")
+    p.add_argument("--image-size", type=int, help="fine-tuning resolution (default: the checkpoint's)")
+    p.add_argument("--out", metavar="RUN", help="output directory (default runs/finetune-<time>)")
+    p.add_argument("--lr", default=",".join(map(str, LR_SWEEP)),
+                   help="learning rate, or comma-separated values to sweep (default: the paper's %(default)s)")
+    p.add_argument("--minival", type=float, default=MINIVAL, help="share of train that chooses the lr (%(default)s)")
+    p.add_argument("--freeze", choices=["backbone"], help="train the head only (a linear probe by gradient descent)")
+    p.add_argument("--train-blocks", type=int, metavar="K",
+                   help="train only the last K blocks, the final norm and the head")
+    p.add_argument("--keep-pre-logits", action="store_true", help="keep the pre-trained representation layer")
+    p.add_argument("--posemb-mode", choices=["scipy", "bilinear", "bicubic"], default="scipy",
+                   help="position-embedding resampling (default scipy: the official corner-aligned linear zoom)")
+    p.set_defaults(func=cmd_finetune, config_options=add_finetune_options(p))
+
+    p = sub.add_parser("bench", help="speed against timm and transformers (needs vitlab[bench])")
+    p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")
+    p.add_argument("--cases", default="", help="only cases whose name contains one of these comma-separated parts, e.g. 'vit_s16,train'")
+    p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for every variant")
+    p.add_argument("--no-compile", action="store_true", help="leave out timm + torch.compile")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: thread CPU time, robust on a shared machine (needs --threads 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
+    p.add_argument("--data", help="CIFAR-10 folder: also time an end-to-end training epoch on it")
+    p.add_argument("--epoch-batches", type=int, default=0, help="stop the epoch after this many batches (0: all)")
+    p.add_argument("--out", help="also write the markdown report to this file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -263,6 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"vitlab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # SIGINT / SIGTERM during training: a checkpoint was saved first
+        print0(f"vitlab {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except TrainingDiverged as err:  # NaN / inf: the last good checkpoint is kept
+        print0(f"vitlab {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

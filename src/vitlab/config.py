@@ -11,6 +11,7 @@ C = TypeVar("C")
 Pool = Literal["token", "gap"]
 Gelu = Literal["exact", "tanh"]
 PosembMode = Literal["bilinear", "bicubic", "scipy"]
+WsForm = Literal["var", "std"]
 
 
 def as_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -44,7 +45,7 @@ class ViTConfig:
     gelu: Gelu = "exact"  # the official JAX code uses "tanh"
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
-    fused_attention: bool = True  # scaled_dot_product_attention, else explicit softmax
+    fused_attention: bool = True  # the fastest kernel (SDPA or batched matmuls), else explicit softmax
     posemb_mode: PosembMode = "bicubic"  # how position embeddings are resampled
     dynamic_image_size: bool = False  # any image size: position embeddings resampled in forward
     # Input preprocessing the weights expect (kept with the model so outputs match).
@@ -128,8 +129,10 @@ class HybridConfig(ViTConfig):
     resnet_width: int = 64  # stem width; stage i outputs 4 * resnet_width * 2**i channels
     num_groups: int = 32
     gn_eps: float = 1e-6  # flax GroupNorm's default, as the official code
-    # The official code divides by (std + 1e-5); timm's port of its weights uses sqrt(var + 1e-8).
+    # The official code divides by (std + 1e-5) (ws_form="std", ws_eps=1e-5, what an imported
+    # official .npz gets); timm's port of its weights uses sqrt(var + 1e-8) (the default).
     ws_eps: float = 1e-8
+    ws_form: WsForm = "var"  # "var": (w - mean) / sqrt(var + ws_eps); "std": (w - mean) / (std + ws_eps)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,6 +142,8 @@ class HybridConfig(ViTConfig):
         s = self.feature_stride * self.patch_size
         if h % s or w % s:
             raise ValueError(f"image_size {h}x{w} is not divisible by {s} (ResNet stride x patch_size); use a multiple of {s}")
+        if self.ws_form not in ("var", "std"):
+            raise ValueError(f"ws_form must be 'var' or 'std', got {self.ws_form!r}")
         if self.resnet_width % self.num_groups:
             raise ValueError(f"resnet_width {self.resnet_width} is not divisible by num_groups {self.num_groups}")
 

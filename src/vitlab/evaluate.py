@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import as_pair
+from .distributed import DistEnv, even_batches, sum_across_ranks
 
 
 @dataclass
@@ -45,14 +46,18 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | Any, *,
              class_names: list[str], device: str | torch.device = "cpu", precision: str = "fp32",
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, env: DistEnv | None = None) -> EvalResult:
     """Run ``model`` over labelled batches (a ``Loader`` or any iterable of (images, int64 labels)).
 
     The model is put in eval mode and left there. ``precision="bf16"`` evaluates under autocast.
+    With ``env``, every process passes its own share (a Loader built with its rank) and all
+    get the totals over all shares.
     """
     device = torch.device(device)
     iterable = batches.epoch(0) if hasattr(batches, "epoch") else batches
     total = len(batches) if hasattr(batches, "__len__") else None
+    if env is not None and env.distributed:  # as many forwards everywhere: a sharded model keeps pace
+        iterable = even_batches(iterable, len(batches), env)
     k = len(class_names)
     confusion = torch.zeros(k, k, dtype=torch.int64)
     loss_sum, top5_hits, n = 0.0, 0, 0
@@ -70,6 +75,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         top5_hits += (top == y[:, None]).any(1).sum().item()
         confusion += torch.bincount((y * k + top[:, 0]).cpu(), minlength=k * k).view(k, k)
         n += len(y)
+    if env is not None:  # the shares are disjoint: each image counted once
+        confusion = sum_across_ranks(confusion, env).long()
+        loss_sum, top5_hits, n = sum_across_ranks([loss_sum, top5_hits, n], env).tolist()
+        n = int(n)
     if n == 0:
         raise ValueError("nothing to evaluate: the evaluation set is empty")
     return EvalResult(n, loss_sum / n, confusion.diagonal().sum().item() / n, top5_hits / n, confusion, class_names)

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import LoadedModel
 from .data import load_image
-from .data.images import is_image_file
+from .data.images import find_images
 
 
 @dataclass
@@ -25,24 +25,9 @@ class Prediction:
 
 
 def image_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], bool]:
-    """Files to predict: files as given, directories searched recursively for images (sorted).
-
-    Returns (files, whether any directory was given). A missing path is a FileNotFoundError.
-    """
-    files: list[Path] = []
-    any_dir = False
-    for p in map(Path, paths):
-        if p.is_dir():
-            any_dir = True
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f.name))
-            if not found:
-                raise ValueError(f"{p} holds no images (JPEG, PNG, WebP or BMP)")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"image {p} does not exist")
-    return files, any_dir
+    """Files to predict (folders searched recursively, sorted) and whether any folder was given."""
+    paths = list(paths)
+    return find_images(paths), any(Path(p).is_dir() for p in paths)
 
 
 @torch.no_grad()

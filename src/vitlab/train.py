@@ -35,13 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, load_state, load_state_dict_checked, save_model, save_state, write_json
+from .checkpoint import atomic_write, load_state, save_model, save_state, write_json
 from .config import as_pair, from_dict, replace_checked, to_dict
 from .data import DataConfig, Loader, build_data
+from .data.loader import derive_seed
+from .distributed import (barrier, broadcast_object, init_distributed, load_model_state, load_optimizer_state,
+                          max_across_ranks, model_state, optimizer_state, parallelize, set_gradient_sync, shutdown,
+                          sum_across_ranks, unwrap)
 from .evaluate import evaluate
 from .models import build_model, get_spec
 from .optim import OptimConfig, build_optimizer, lr_at, update_ema
 from .plots import plot_curves
+from .transfer import freeze, load_pretrained
 
 CONFIG_FILE, STATE_FILE, METRICS_FILE, CURVES_FILE = "config.json", "state.pt", "metrics.jsonl", "curves.png"
 LAST_FILE, BEST_FILE = "last.safetensors", "best.safetensors"
@@ -51,7 +56,8 @@ Precision = Literal["bf16", "fp32"]
 # Data fields that follow the model (image size, normalisation) and the run (seed).
 DERIVED_DATA_FIELDS = ("image_size", "mean", "std", "seed")
 # What ``--resume`` may change: where things are, never what is computed.
-RESUME_FIELDS = ("path", "device", "threads", "num_workers", "cache_dir")
+RESUME_FIELDS = ("path", "device", "threads", "num_workers", "cache_dir", "shard", "activation_checkpointing",
+                 "init_from")
 
 
 # ---------------------------------------------------------------------------- the config
@@ -83,6 +89,10 @@ class TrainConfig:
     seed: int = 0  # initialisation, dropout, data order, augmentation and split
     device: str = "auto"  # "auto": cuda if available, else cpu
     threads: int = 0  # torch CPU threads; 0: torch's default
+    shard: bool = False  # under torchrun: FSDP2, parameters/gradients/optimiser state sharded over processes
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    init_from: str = ""  # fine-tuning: a model file whose weights start the run (head and posemb adapted)
+    train_blocks: int = -1  # fine-tuning: train only the last K blocks + head (0: head only); -1: all
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,6 +108,9 @@ class TrainConfig:
             (self.eval_batch_size >= 1 and self.threads >= 0 and self.seed >= 0,
              "eval_batch_size >= 1, threads >= 0 and seed >= 0"),
             ("num_classes" not in self.model_overrides, "num_classes comes from the data; do not override it"),
+            (not (self.shard and self.time_budget), "time_budget cannot size a sharded run (its speed probe "
+             "copies the model); set steps or epochs"),
+            (self.train_blocks >= -1, "train_blocks must be >= 0, or -1 to train every parameter"),
             (self.min_image_size >= 0 and 0 < self.resize_until <= 1,
              "min_image_size must be >= 0 (0: off) and resize_until in (0, 1]"),
         ]
@@ -216,9 +229,9 @@ class TrainState:
         return {
             "step": self.step,
             "data_position": {"epoch": epoch, "step_in_epoch": batch, "steps_per_epoch": steps_per_epoch},
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state(self.model),  # full weights by name: any world size can resume
+            "ema": model_state(self.ema) if self.ema is not None else None,
+            "optimizer": optimizer_state(self.model, self.optimizer),
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
             "best_top1": self.best_top1,
             "config": config,
@@ -232,13 +245,13 @@ class TrainState:
             raise ValueError(f"{source} was written with {state['data_position']['steps_per_epoch']} steps per "
                              f"epoch, but the data now gives {steps_per_epoch}: the training data or batch size "
                              f"changed, so the run cannot continue exactly")
-        load_state_dict_checked(self.model, state["model"], source=source)
+        load_model_state(self.model, state["model"], source=source)
         if self.ema is not None:
             if state.get("ema") is None:
                 raise ValueError(f"{source} has no EMA weights but the run config has ema_decay > 0")
-            load_state_dict_checked(self.ema, state["ema"], source=f"{source} (EMA)")
+            load_model_state(self.ema, state["ema"], source=f"{source} (EMA)")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as err:
             raise ValueError(f"{source}: the optimiser state does not fit this model/optimiser ({err})") from err
         torch.set_rng_state(state["rng"]["torch"])
@@ -370,7 +383,8 @@ def forward_backward(model: nn.Module, batches: Iterator[tuple[torch.Tensor, tor
     ``image_size`` below the batches' own size downscales them first (progressive resizing).
     """
     total = torch.zeros((), device=device)
-    for _ in range(cfg.accum_steps):
+    for micro in range(cfg.accum_steps):
+        set_gradient_sync(model, micro == cfg.accum_steps - 1)  # processes average gradients once per step
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if image_size and image_size != x.shape[-1]:
@@ -396,9 +410,10 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
     """Seconds per training step, per evaluation and per checkpoint, timed on a throwaway copy.
 
     With progressive resizing the step time is the mean over the run, weighted by each image
-    size's share of the steps (the smallest and the full size are timed, sizes between interpolated). The copy has its own optimiser and the RNG states are
-    restored afterwards, so the run itself is untouched: sizing the schedule does not change
-    what the run computes. Past ``max_seconds`` each size gets no more than two steps (one timed).
+    size's share of the steps (the smallest and the full size are timed, sizes between
+    interpolated). The copy has its own optimiser and the RNG states are restored afterwards,
+    so the run itself is untouched: sizing the schedule does not change what the run computes.
+    Past ``max_seconds`` each size gets no more than two steps (one timed).
     """
     probe = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe, cfg.optim)
@@ -482,10 +497,16 @@ def resolve_length(cfg: TrainConfig, steps_per_epoch: int, measure: Callable[[],
 
 
 def save_checkpoint(run: Path, state: TrainState, eval_model: nn.Module, *, steps_per_epoch: int,
-                    config: dict[str, Any], class_names: list[str], meta: dict[str, Any]) -> None:
-    """``last.safetensors`` (the evaluated weights) then ``state.pt``; each atomic."""
-    save_model(eval_model, run / LAST_FILE, class_names=class_names, meta=meta)
-    save_state(state.state_dict(steps_per_epoch, config), run / STATE_FILE)
+                    config: dict[str, Any], class_names: list[str], meta: dict[str, Any], is_main: bool = True) -> None:
+    """``last.safetensors`` (the evaluated weights) then ``state.pt``; each atomic.
+
+    Every process calls it (a sharded model gathers its weights); only ``is_main`` writes.
+    """
+    full = state.state_dict(steps_per_epoch, config)
+    if is_main:
+        weights = full["ema"] if state.ema is not None else full["model"]  # eval_model's weights
+        save_model(unwrap(eval_model), run / LAST_FILE, state_dict=weights, class_names=class_names, meta=meta)
+        save_state(full, run / STATE_FILE)
 
 
 @dataclass
@@ -503,16 +524,18 @@ class TrainResult:
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           log: Callable[[str], None] = tqdm.write) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; with ``resume`` continue the run there exactly."""
-    run = Path(run_dir)
-    rank, world_size = 0, 1  # a later distributed setup (torchrun) provides these
-    is_main = rank == 0  # only rank 0 logs and writes files
+    env = init_distributed(cfg.device)  # torchrun's processes join one group; a plain process runs alone
+    rank, world_size, device = env.rank, env.world_size, env.device
+    is_main = env.is_main  # only rank 0 logs and writes files
+    log = log if is_main else (lambda message: None)
+    run = Path(broadcast_object(str(run_dir), env))  # rank 0's name (a default name holds the time)
     start_time = time.perf_counter()
     if not resume and ((run / CONFIG_FILE).exists() or (run / STATE_FILE).exists()):
         raise ValueError(f"{run} already holds a run; continue it with `vitlab train --resume {run}` "
                          f"or pass another --out")
+    barrier()  # every process has looked before rank 0 writes there
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
 
     # -- data
     data_cfg = cfg.data_config()
@@ -536,10 +559,15 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     # -- model, EMA, optimiser
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config(num_classes=data.num_classes)
-    model = build_model(model_cfg).to(device)
-    # model = parallelize(model, cfg)  # DDP / FSDP slot in here, after the model is built
+    model = build_model(model_cfg)
+    if cfg.init_from:  # fine-tuning: start from a checkpoint (a resumed run then loads its own state)
+        load_pretrained(model, cfg.init_from)
+    freeze(model, cfg.train_blocks)
+    model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay else None
-    state = TrainState(model, build_optimizer(model, cfg.optim), ema)
+    model = parallelize(model, env, shard=cfg.shard, activation_checkpointing=cfg.activation_checkpointing)
+    ema = parallelize(ema, env, shard=cfg.shard) if ema is not None else None  # replicated or sharded alike
+    state = TrainState(model, build_optimizer(unwrap(model), cfg.optim), ema)
     eval_model = ema if ema is not None else model
 
     # -- run length, then resume or start
@@ -555,6 +583,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         cfg, sizing = resolve_length(cfg, steps_per_epoch, lambda: measure_speed(  # probing: <= ~5% of a budget
             model, cfg, loader, eval_loader, device, max_seconds=0.05 * parse_duration(cfg.time_budget or "1s")),
             started=start_time, log=log)
+        cfg, sizing = broadcast_object((cfg, sizing), env)  # a time budget: every process runs rank 0's steps
         if is_main:
             write_json(run / CONFIG_FILE, {
                 "train": to_dict(cfg), "model_type": type(model_cfg).__name__, "model": to_dict(model_cfg),
@@ -566,10 +595,15 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     params = sum(p.numel() for p in model.parameters())
     resizing = (f"images from {cfg.min_image_size} px to full size by step {round(cfg.resize_until * total)}; "
                 if cfg.min_image_size else "")
-    log(f"{cfg.model}: {params / 1e6:.2f}M parameters on {device} ({cfg.precision}); {total} steps "
-        f"({total / steps_per_epoch:.2f} epochs) of {cfg.batch_size} images; peak lr {peak:.3g}, "
-        f"{warmup} warm-up steps, {cfg.optim.schedule} decay; {resizing}"
-        f"evaluating on {eval_split if eval_loader else 'nothing'}"
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = f" ({trained / 1e6:.2f}M trained)" if trained < params else ""
+    scaled = f" (lr {cfg.optim.lr:g} at batch {cfg.optim.lr_batch_size}, scaled)" if cfg.optim.lr_batch_size else ""
+    spread = (f", {'FSDP2-sharded' if cfg.shard else 'DDP'}" if world_size > 1 else "") + (
+        ", activation checkpointing" if cfg.activation_checkpointing else "")
+    log(f"{cfg.model}: {params / 1e6:.2f}M parameters{frozen} on {device} ({cfg.precision}{spread}); {total} steps "
+        f"({total / steps_per_epoch:.2f} epochs) of {cfg.batch_size} images (global batch = {micro_batch} per "
+        f"process x {world_size} processes x {cfg.accum_steps} accumulation steps); peak lr {peak:.3g}{scaled}, "
+        f"{warmup} warm-up steps, {cfg.optim.schedule} decay; {resizing}evaluating on {eval_split if eval_loader else 'nothing'}"
         f" every {cfg.eval_every} steps; run directory {run}")
 
     # -- the loop
@@ -588,6 +622,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 for group in state.optimizer.param_groups:
                     group["lr"] = lr
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                if world_size > 1:  # dropout masks differ per process, are a function of the step: exact resume
+                    torch.manual_seed(derive_seed(cfg.seed, step, rank))
                 if batches is None or step_in_epoch == 0:
                     batches = loader.epoch(epoch, start_batch=step_in_epoch * cfg.accum_steps)
 
@@ -598,7 +634,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                     raise ValueError(f"epoch {epoch} ended early: whole batches of unreadable images were "
                                      f"skipped; remove the files reported above") from None
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or math.inf)
-                loss_value, grad_value = loss.item(), grad_norm.item()
+                loss_value = sum_across_ranks([loss.item()], env).item() / world_size  # the global batch's loss
+                grad_value = grad_norm.item()
                 if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
                     kept = (f"the last good checkpoint (step {saved_step}) is kept in {run}" if saved_step
                             else "no checkpoint had been written yet")
@@ -609,6 +646,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 if ema is not None:
                     update_ema(ema, model, cfg.ema_decay)
                 state.step = done = step + 1
+                signum = int(max_across_ranks([stop.signum], env).item())  # all processes stop at one step
 
                 images_per_s = cfg.batch_size / (time.perf_counter() - tick)
                 if is_main:
@@ -620,7 +658,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
                 if eval_loader is not None and (every(done, cfg.eval_every) or done == total):
                     result = evaluate(eval_model, eval_loader, device=device, precision=cfg.precision,
-                                      class_names=data.class_names)
+                                      class_names=data.class_names, env=env)
                     last_eval = {"step": done, "eval_split": eval_split, "eval_loss": result.loss,
                                  "eval_top1": result.top1, "eval_top5": result.top5}
                     if is_main:
@@ -629,20 +667,21 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                             f"top-5 {100 * result.top5:.2f}%, loss {result.loss:.4f}")
                     if result.top1 > state.best_top1:
                         state.best_top1 = result.top1
+                        weights = model_state(eval_model)  # every process: a sharded model gathers
                         if is_main:
-                            save_model(eval_model, run / BEST_FILE, class_names=data.class_names,
-                                       meta={**last_eval, "model": cfg.model})
+                            save_model(unwrap(eval_model), run / BEST_FILE, state_dict=weights,
+                                       class_names=data.class_names, meta={**last_eval, "model": cfg.model})
                     if is_main and time.perf_counter() - plotted > PLOT_EVERY_S:
                         plot_curves(read_metrics(run / METRICS_FILE), run / CURVES_FILE)
                         plotted = time.perf_counter()
-                if every(done, cfg.checkpoint_every) or done == total or stop.signum:
-                    if is_main:
-                        save_checkpoint(run, state, eval_model, steps_per_epoch=steps_per_epoch, config=config,
-                                        class_names=data.class_names, meta={"step": done, "model": cfg.model,
-                                                                            **(last_eval or {})})
+                if every(done, cfg.checkpoint_every) or done == total or signum:
+                    save_checkpoint(run, state, eval_model, steps_per_epoch=steps_per_epoch, config=config,
+                                    class_names=data.class_names, meta={"step": done, "model": cfg.model,
+                                                                        **(last_eval or {})}, is_main=is_main)
                     saved_step = done
-                if stop.signum:
-                    raise Interrupted(stop.signum, done, run)
+                if signum:
+                    shutdown()  # every process stops here, together
+                    raise Interrupted(signum, done, run)
                 tick = time.perf_counter()
     finally:  # also after an error or a signal: the curves show what happened
         bar.close()
@@ -650,6 +689,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             metrics.close()
             plot_curves(read_metrics(run / METRICS_FILE), run / CURVES_FILE)
     log(f"done: {state.step} steps in {time.perf_counter() - start_time:.0f} s; run directory {run}")
+    shutdown()
     return TrainResult(run, state.step, last_eval, state.best_top1 if state.best_top1 >= 0 else None)
 
 

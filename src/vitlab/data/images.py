@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,24 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 def is_image_file(name: str | os.PathLike) -> bool:
     """True for the extensions read here (JPEG, PNG, WebP, BMP), case-insensitive."""
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files named by ``paths``; a folder contributes its images (recursively, sorted)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not inside:
+                raise ValueError(f"{p} holds no images (JPEG, PNG, WebP or BMP)")
+            found.extend(inside)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"image or folder {p} does not exist")
+    if not found:
+        raise ValueError("no images given; pass image files or folders")
+    return found
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

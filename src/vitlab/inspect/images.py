@@ -6,32 +6,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..data import DataConfig, build_data, load_image
-from ..data.images import is_image_file, normalize, resize_center_crop, to_uint8_tensor
-
-
-def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files named by ``paths``; a folder contributes its images (recursively, sorted)."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            inside = sorted(f for f in p.rglob("*") if is_image_file(f) and f.is_file())
-            if not inside:
-                raise ValueError(f"no images (JPEG, PNG, WebP, BMP) in folder {p}")
-            found.extend(inside)
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"image or folder {p} does not exist")
-    if not found:
-        raise ValueError("no images given; pass image files or folders")
-    return found
+from ..data.images import find_images, normalize, resize_center_crop, to_uint8_tensor
 
 
 def _prepare(images: list[torch.Tensor], image_size: int | tuple[int, int], mean: Sequence[float],

@@ -6,7 +6,8 @@ weights, so an import followed by an export gives back the same arrays bit for b
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,19 @@ def out_kernel_out(heads: int) -> Fn:
     return lambda w: w.T.reshape(heads, -1, w.shape[0])
 
 
+def units_per_stage(keys: Iterable[str], pattern: str, source: str, first: int = 0) -> tuple[int, ...]:
+    """ResNet units per stage from the keys matching ``pattern`` (groups: stage, unit; numbered from ``first``)."""
+    units: dict[int, int] = {}
+    for key in keys:
+        if m := re.match(pattern, key):
+            stage, unit = int(m.group(1)) - first, int(m.group(2)) - first
+            units[stage] = max(units.get(stage, 0), unit + 1)
+    if sorted(units) != list(range(len(units))):
+        raise ValueError(f"{source}: the ResNet stages are not numbered {first}, {first + 1}, ... "
+                         f"(found {[s + first for s in sorted(units)]})")
+    return tuple(units[s] for s in sorted(units))
+
+
 @dataclass
 class ImportReport:
     """What an import did: the format, the keys it mapped, and the differences it could explain."""
@@ -153,10 +167,10 @@ def import_state(entries: list[Entry], foreign: dict[str, Tensor], expected: dic
     not_filled = sorted(set(expected) - set(state))
     if missing or unexpected or not_filled:
         raise ValueError(
-            f"{report.source} is not a {report.format} checkpoint of this ViT: missing keys [{_shorten(missing)}], "
+            f"{report.source} is not a {report.format} checkpoint of this model: missing keys [{_shorten(missing)}], "
             f"unexpected keys [{_shorten(unexpected)}]"
             + (f", unfilled model keys [{_shorten(not_filled)}]" if not_filled and not missing else "")
-            + "; pick the right format with --from, or check that the checkpoint is a plain ViT"
+            + "; pick the right format with --from, or check the checkpoint's architecture (ViT, hybrid or BiT)"
         )
     report.num_tensors = len(state)
     return state

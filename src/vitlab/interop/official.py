@@ -17,11 +17,12 @@ MLP                 ``MlpBlock_3``                        ``MlpBlock_0``
 Numerics of both: ``nn.gelu`` is the tanh approximation, LayerNorm eps 1e-6, inputs in [-1, 1],
 position embeddings resampled with ``scipy.ndimage.zoom(order=1)`` (vitlab's ``"scipy"`` mode).
 
-Extension point for the R50+ViT hybrid files (``conv_root``, ``gn_root``,
-``block{s}/unit{u}/{conv,gn}{1,2,3}``, ``conv_proj``, ``gn_proj``, then a 1x1 ``embedding``):
-register a function ``cfg -> list[Entry]`` for the hybrid's config type in
-``STEM_KEY_MAPS``; ``key_map`` appends its entries to the encoder's, and ``config_fields``
-must learn the ResNet widths and depths from ``block{s}/unit{u}`` counts.
+The R50+ViT hybrid files (``vit_jax/models_vit.py`` with ``models_resnet.py``) add a ResNet
+before the 1x1 ``embedding`` conv: ``conv_root``, ``gn_root``, ``block{s}/unit{u}/{conv,gn}{1,2,3}``
+and ``{conv,gn}_proj`` (both 1-based). ``STEM_KEY_MAPS`` holds, per config type, the entries a
+convolutional stem adds to the encoder's (``hybrid_stem`` for ``HybridConfig``); ``config_fields``
+reads the ResNet depths and width from those names and shapes. The hybrid's numerics: flax
+GroupNorm eps 1e-6, weight standardisation (w - mean) / (std + 1e-5).
 """
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ from typing import Any
 
 import torch
 
-from ..config import ViTConfig, as_pair
+from ..config import HybridConfig, ViTConfig, as_pair
 from ..models.posemb import sincos_2d
 from .files import read_npz
 from .keymap import (Entry, conv_from_hwio, conv_to_hwio, dense, flatten, fused, one, out_kernel_in, out_kernel_out,
-                     qkv_kernel_in, qkv_kernel_out, unflatten)
+                     qkv_kernel_in, qkv_kernel_out, unflatten, units_per_stage)
 
 NAMES = {
     "official": dict(posemb="Transformer/posembed_input/pos_embedding", attn="MultiHeadDotProductAttention_1",
@@ -48,8 +49,9 @@ NAMES = {
 }
 PREFIXES = ("params/img/", "params/", "opt/target/")
 
-# Config type name -> extra entries for a convolutional stem (the R50 hybrid registers here).
+# Config type name -> extra entries for a convolutional stem (filled below: the R50 hybrid).
 STEM_KEY_MAPS: dict[str, Callable[[Any], list[Entry]]] = {}
+UNIT = r"block(\d+)/unit(\d+)/"
 
 
 @dataclass
@@ -81,7 +83,11 @@ def read(path: str | Path, flavour: str | None = None) -> NpzSource:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    tensors = read_npz(path)
+    return from_arrays(path, read_npz(path), flavour)
+
+
+def from_arrays(path: Path, tensors: dict[str, torch.Tensor], flavour: str | None = None) -> NpzSource:
+    """``read`` for arrays already read from ``path``."""
     notes: list[str] = []
     for prefix in PREFIXES:
         if any(k.startswith(prefix + "embedding/") for k in tensors):
@@ -112,11 +118,19 @@ def _need(src: NpzSource, key: str) -> torch.Tensor:
     return src.tensors[key]
 
 
-def config_fields(src: NpzSource, image_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
-    """The ``ViTConfig`` fields the arrays imply (shapes), plus the JAX code's numerics."""
-    if "conv_root/kernel" in src.tensors:
-        raise ValueError(f"{src.path} is an R50+ViT hybrid checkpoint; vitlab imports the hybrid once "
-                         f"models/hybrid.py registers its stem in vitlab.interop.official.STEM_KEY_MAPS")
+def _resnet_fields(src: NpzSource) -> dict[str, Any]:
+    """The hybrid's ResNet: stem width from ``conv_root``, units per stage from ``block{s}/unit{u}``."""
+    if src.flavour != "official":
+        raise ValueError(f"{src.path}: big_vision has no R50+ViT hybrid; read it with --from official")
+    root = src.tensors["conv_root/kernel"]  # (7, 7, C, width)
+    return dict(resnet_width=root.shape[3], resnet_layers=units_per_stage(src.tensors, UNIT, str(src.path), first=1),
+                gn_eps=1e-6, ws_eps=1e-5, ws_form="std")
+
+
+def config_fields(src: NpzSource, image_size: int | tuple[int, int] | None = None) -> tuple[type, dict[str, Any]]:
+    """The config class (``ViTConfig`` or ``HybridConfig``) and fields the arrays imply (shapes),
+    plus the JAX code's numerics."""
+    hybrid = _resnet_fields(src) if "conv_root/kernel" in src.tensors else {}
     names = NAMES[src.flavour]
     kernel = _need(src, "embedding/kernel")  # (P, P, C, D)
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
@@ -135,6 +149,11 @@ def config_fields(src: NpzSource, image_size: int | tuple[int, int] | None = Non
         num_classes=src.tensors["head/bias"].shape[0] if "head/bias" in src.tensors else 0,
         gelu="tanh", layer_norm_eps=1e-6, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), posemb_mode="scipy",
     )
+    if hybrid:
+        fields.update(hybrid, in_channels=src.tensors["conv_root/kernel"].shape[2])
+    cls = HybridConfig if hybrid else ViTConfig
+    # Pixels per token: the patch times the ResNet's stride (as HybridConfig.feature_stride).
+    stride = patch * (4 * 2 ** max(len(hybrid["resnet_layers"]) - 1, 0) if hybrid else 1)
     if image_size is not None:
         fields["image_size"] = image_size
     elif names["posemb"] in src.tensors:
@@ -142,10 +161,10 @@ def config_fields(src: NpzSource, image_size: int | tuple[int, int] | None = Non
         side = math.isqrt(slots)
         if side * side != slots:
             raise ValueError(f"{src.path}: {slots} position embeddings are not a square grid; pass image_size=(h, w)")
-        fields["image_size"] = side * patch
+        fields["image_size"] = side * stride
     else:
         fields["image_size"] = 224
-    return fields
+    return cls, fields
 
 
 def fill_sincos(src: NpzSource, cfg: ViTConfig) -> None:
@@ -176,6 +195,29 @@ def _posemb(cfg: ViTConfig, flavour: str) -> list[Entry]:
         lambda ts: [ts[0], torch.cat([torch.zeros_like(ts[0]), ts[1]], dim=1)],
         lambda ts: [ts[0] + ts[1][:, :1], ts[1][:, 1:]],
     )]
+
+
+def _conv(ours: str, theirs: str) -> Entry:
+    return one(f"{ours}.weight", f"{theirs}/kernel", conv_from_hwio, conv_to_hwio)
+
+
+def hybrid_stem(cfg: HybridConfig) -> list[Entry]:
+    """The hybrid's ResNet: ``patch_embed.{conv_root,gn_root,stages.s.u.*}`` <-> ``conv_root``,
+    ``gn_root``, ``block{s+1}/unit{u+1}/*`` (its 1x1 ``embedding`` is the encoder's)."""
+    entries = [_conv("patch_embed.conv_root", "conv_root"), *_norm("patch_embed.gn_root", "gn_root")]
+    cin = cfg.resnet_width
+    for s, units in enumerate(cfg.resnet_layers):
+        cout = 4 * cfg.resnet_width * 2**s
+        for u in range(units):
+            ours, theirs = f"patch_embed.stages.{s}.{u}.", f"block{s + 1}/unit{u + 1}/"
+            for name in ("1", "2", "3") if u or (s == 0 and cin == cout) else ("1", "2", "3", "_proj"):
+                entries += [_conv(f"{ours}conv{name}", f"{theirs}conv{name}"),
+                            *_norm(f"{ours}gn{name}", f"{theirs}gn{name}")]
+        cin = cout
+    return entries
+
+
+STEM_KEY_MAPS["HybridConfig"] = hybrid_stem
 
 
 def key_map(cfg: ViTConfig, flavour: str) -> list[Entry]:
@@ -209,6 +251,10 @@ def key_map(cfg: ViTConfig, flavour: str) -> list[Entry]:
 
 def check_exportable(cfg: ViTConfig, flavour: str) -> None:
     """Refuse what the JAX model cannot express (it would load but compute something else)."""
+    if isinstance(cfg, HybridConfig) and flavour != "official":
+        raise ValueError(f"{flavour} has no R50+ViT hybrid; export this model with --to official")
+    if isinstance(cfg, HybridConfig) and cfg.num_groups != 32:
+        raise ValueError(f"the official hybrid's GroupNorm has 32 groups; this model has num_groups={cfg.num_groups}")
     if cfg.class_token and cfg.pool == "gap":
         raise ValueError(f"the {flavour} ViT has no [class] token with pool='gap'; this model uses both")
     if not cfg.qkv_bias:

@@ -31,15 +31,15 @@ class Bottleneck(nn.Module):
         super().__init__()
         mid = cout // 4
         g, eps, ws = cfg.num_groups, cfg.gn_eps, cfg.ws_eps
-        self.conv1 = StdConv2d(cin, mid, 1, eps=ws, same=True)
+        self.conv1 = StdConv2d(cin, mid, 1, eps=ws, same=True, form=cfg.ws_form)
         self.gn1 = nn.GroupNorm(g, mid, eps=eps)
-        self.conv2 = StdConv2d(mid, mid, 3, stride, eps=ws, same=True)
+        self.conv2 = StdConv2d(mid, mid, 3, stride, eps=ws, same=True, form=cfg.ws_form)
         self.gn2 = nn.GroupNorm(g, mid, eps=eps)
-        self.conv3 = StdConv2d(mid, cout, 1, eps=ws, same=True)
+        self.conv3 = StdConv2d(mid, cout, 1, eps=ws, same=True, form=cfg.ws_form)
         self.gn3 = nn.GroupNorm(g, cout, eps=eps)
         self.conv_proj = self.gn_proj = None
         if stride != 1 or cin != cout:
-            self.conv_proj = StdConv2d(cin, cout, 1, stride, eps=ws, same=True)
+            self.conv_proj = StdConv2d(cin, cout, 1, stride, eps=ws, same=True, form=cfg.ws_form)
             self.gn_proj = nn.GroupNorm(g, cout, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class ResNetEmbed(nn.Module):
         self.in_channels = cfg.in_channels
         self.stride = cfg.feature_stride * cfg.patch_size
         w = cfg.resnet_width
-        self.conv_root = StdConv2d(cfg.in_channels, w, 7, 2, eps=cfg.ws_eps, same=True)
+        self.conv_root = StdConv2d(cfg.in_channels, w, 7, 2, eps=cfg.ws_eps, same=True, form=cfg.ws_form)
         self.gn_root = nn.GroupNorm(cfg.num_groups, w, eps=cfg.gn_eps)
         widths = tuple(4 * w * 2**i for i in range(len(cfg.resnet_layers)))
         self.stages = make_stages(Bottleneck, w, cfg.resnet_layers, widths, cfg)

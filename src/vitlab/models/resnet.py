@@ -24,10 +24,13 @@ def bit_config(depth: int, width_factor: int, **overrides) -> BiTConfig:
     return replace_checked(BiTConfig(layers=DEPTHS[depth], width_factor=width_factor), **overrides)
 
 
-def standardize_weight(weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weight Standardisation: each output filter to zero mean, unit (biased) variance."""
+def standardize_weight(weight: torch.Tensor, eps: float, form: str = "var") -> torch.Tensor:
+    """Weight Standardisation: each output filter to zero mean, unit (biased) variance.
+
+    ``form="var"`` divides by sqrt(var + eps) (BiT PyTorch, timm), ``"std"`` by std + eps
+    (the official vit_jax hybrid)."""
     var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)
-    return (weight - mean) / torch.sqrt(var + eps)
+    return (weight - mean) / (torch.sqrt(var) + eps if form == "std" else torch.sqrt(var + eps))
 
 
 def pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0) -> torch.Tensor:
@@ -43,18 +46,20 @@ class StdConv2d(nn.Conv2d):
     """Conv2d with Weight Standardisation (Qiao et al., 2019); no bias.
 
     ``same=True`` pads as TensorFlow's "SAME" (the official ViT hybrid), else symmetrically
-    by ``kernel_size // 2`` (the official BiT PyTorch code).
+    by ``kernel_size // 2`` (the official BiT PyTorch code); ``form`` as ``standardize_weight``.
     """
 
-    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, *, eps: float, same: bool = False):
+    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, *, eps: float, same: bool = False,
+                 form: str = "var"):
         super().__init__(cin, cout, kernel_size, stride=stride, padding=0 if same else kernel_size // 2, bias=False)
         self.eps = eps
         self.same = same
+        self.form = form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same:
             x = pad_same(x, self.kernel_size[0], self.stride[0])
-        return F.conv2d(x, standardize_weight(self.weight, self.eps), None, self.stride, self.padding)
+        return F.conv2d(x, standardize_weight(self.weight, self.eps, self.form), None, self.stride, self.padding)
 
 
 class PreActBottleneck(nn.Module):

@@ -53,8 +53,34 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
 
 
+def sdpa_is_faster(x: torch.Tensor) -> bool:
+    """Whether SDPA's fused kernels beat :func:`matmul_attention` on ``x`` (a rule, not a timing).
+
+    GPUs: always. CPUs (measured on AVX-512/bf16 Zen 4): in fp32 only; in bf16 (or under
+    autocast) the CPU flash kernel is 1.5-2x slower forward and up to 5x slower backward.
+    """
+    return x.device.type != "cpu" or (x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     dropout: nn.Module) -> torch.Tensor:
+    """softmax(q k^T * scale) v as two batched matmuls, the scale folded into the first.
+
+    q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim).
+    """
+    b, h, n, d = q.shape
+    q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
+    scores = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=scale)
+    return torch.bmm(dropout(scores.softmax(dim=-1)), v).view(b, h, n, d)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention: fused SDPA, or an explicit softmax that can return weights."""
+    """Multi-head self-attention: fused (the fastest kernel for the input), or an explicit softmax.
+
+    ``fused=True`` runs SDPA where :func:`sdpa_is_faster`, else :func:`matmul_attention`;
+    ``fused=False`` runs the explicit path, whose weights pass through ``attn_drop`` (where
+    hooks see them) and are what :meth:`attention_weights` returns.
+    """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -78,14 +104,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        if self.fused:
-            q, k, v = self._qkv(x)
-            p = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        q, k, v = self._qkv(x)
+        if not self.fused:
+            out = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        elif sdpa_is_faster(x):
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
-            q, k, v = self._qkv(x)
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            out = self.attn_drop(attn) @ v
+            out = matmul_attention(q, k, v, self.scale, self.attn_drop)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -211,7 +236,7 @@ class VisionTransformer(nn.Module):
         """Images (B, C, H, W) -> tokens with position embeddings (B, prefix + N, D)."""
         h, w = x.shape[-2:] if x.ndim == 4 else (None, None)
         expected = as_pair(self.cfg.image_size)
-        x = self.patch_embed(x)  # validates rank, channels, divisibility
+        x = self.patch_embed(x.to(self.pos_embed.dtype))  # validates rank, channels, divisibility
         pos_embed = self.pos_embed
         if (h, w) != expected:
             if not self.cfg.dynamic_image_size:
@@ -255,6 +280,7 @@ class VisionTransformer(nn.Module):
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named intermediates: stem, with_posemb, block_00.., encoded, head_input, pre_logits, logits."""
+        x = x.to(self.pos_embed.dtype)  # fp32 images work with bf16 weights (vitlab.optimize)
         out: dict[str, torch.Tensor] = {"stem": self.patch_embed(x)}
         x = self.embed(x)
         out["with_posemb"] = x

@@ -1,0 +1,41 @@
+"""Helpers shared by the test files (pytest puts this folder on sys.path)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values everywhere (zero-initialised heads and biases too), norm scales near 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_scale = p.ndim == 1 and any(n in name for n in ("norm", "gn")) and name.endswith("weight")
+            p.copy_(1 + 0.1 * noise if is_scale else 0.2 * noise)
+    return module.eval()
+
+
+def write_cifar(root: Path, per_batch: int = 16, n_test: int = 20) -> Path:
+    """A tiny CIFAR-10 binary folder whose classes differ in colour, so a few steps learn something."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def records(n: int) -> bytes:
+        labels = np.arange(n) % 10
+        pixels = rng.integers(0, 60, (n, 3, 32, 32)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            pixels[i, c % 3] += np.uint8(20 * c)
+        return np.concatenate([labels[:, None].astype(np.uint8), pixels.reshape(n, -1)], 1).tobytes()
+
+    for i in range(1, 6):
+        (root / f"data_batch_{i}.bin").write_bytes(records(per_batch))
+    (root / "test_batch.bin").write_bytes(records(n_test))
+    return root
