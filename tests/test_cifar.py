@@ -11,7 +11,8 @@ from vitlab.models.vit import drop_patches as vitlab_drop
 from vitlab.recipes import RECIPES
 from vitlab.train import TrainConfig, image_size_at, read_metrics, size_fractions, train
 
-from test_train import TINY, write_learnable_cifar
+from helpers import write_cifar
+from test_train import TINY
 
 
 def tiny_vit(**kw) -> VisionTransformer:
@@ -55,7 +56,7 @@ def test_progressive_resizing_needs_a_dynamic_model_and_a_valid_size():
 
 
 def test_a_resized_run_trains_at_rising_sizes_and_evaluates_at_full_size(tmp_path):
-    data = write_learnable_cifar(tmp_path / "cifar-10-batches-bin")
+    data = write_cifar(tmp_path / "cifar-10-batches-bin")
     cfg = TrainConfig(model="vit_mu4_32px", model_overrides={**TINY, "dynamic_image_size": True},
                       data=DataConfig(path=str(data)), batch_size=16, steps=8, eval_every=8, threads=1,
                       precision="fp32", min_image_size=16, resize_until=0.5)
@@ -72,7 +73,7 @@ def test_cifar_recipes_are_documented_and_valid():
 
 
 def test_a_time_budget_sizes_a_resized_run(tmp_path):
-    data = write_learnable_cifar(tmp_path / "cifar-10-batches-bin")
+    data = write_cifar(tmp_path / "cifar-10-batches-bin")
     cfg = TrainConfig(model="vit_mu4_32px", model_overrides={**TINY, "dynamic_image_size": True},
                       data=DataConfig(path=str(data)), batch_size=16, time_budget="3s", threads=1,
                       precision="fp32", min_image_size=16)
