@@ -93,6 +93,7 @@ def run_point(recipe: str, minutes: float, seed: int, data: str, runs: Path, ext
     return {"recipe": recipe, "budget_min": minutes, "seed": seed, "command": " ".join(cmd),
             "wall_s": round(wall, 1), "test_top1": final["eval_top1"], "test_top5": final["eval_top5"],
             "steps": final["step"], "epochs": round(final["step"] / config["steps_per_epoch"], 2),
+            "precision": config["train"]["precision"],
             "step_s_sized": round(config["sized_by"]["step_s"], 3), "run_dir": str(out),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **load, **where}
 
@@ -149,8 +150,8 @@ def section(points: list[dict]) -> str:
              "Wall time is one `vitlab train` process end to end; the test top-1 is of the last weights. "
              "**Measured on a shared 2-core machine**: other jobs ran beside these (see the load average; "
              "2.0 would be a fully busy 2-core machine), so wall times buy fewer steps than on a quiet one.", "",
-             "| recipe | budget | seeds | test top-1 (mean ± std) | wall time | steps (epochs) | load avg mean/max |",
-             "|---|---|---|---|---|---|---|"]
+             "| recipe | budget | seeds | test top-1 (mean ± std) | wall time | steps (epochs) | precision | load avg mean/max |",
+             "|---|---|---|---|---|---|---|---|"]
     for recipe in ("cifar10", "cifar10_baseline"):
         for minutes, ps in sorted(group(points, recipe).items()):
             accs = [100 * p["test_top1"] for p in ps]
@@ -159,6 +160,7 @@ def section(points: list[dict]) -> str:
                 f"| `{recipe}` | {minutes:g} min | {', '.join(str(p['seed']) for p in ps)} | "
                 f"{statistics.mean(accs):.2f}%{std} | {statistics.mean(p['wall_s'] for p in ps) / 60:.1f} min | "
                 f"{round(statistics.mean(p['steps'] for p in ps))} ({statistics.mean(p['epochs'] for p in ps):.2f}) | "
+                f"{', '.join(sorted({p.get('precision', '?') for p in ps}))} | "
                 f"{statistics.mean(p['load_mean'] for p in ps):.1f} / {max(p['load_max'] for p in ps):.1f} |")
     lines += ["", f"![test accuracy against wall time]({PNG.name})", ""]
     todo = missing(points)
