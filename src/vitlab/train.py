@@ -413,7 +413,7 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
     size's share of the steps (the smallest and the full size are timed, sizes between
     interpolated). The copy has its own optimiser and the RNG states are restored afterwards,
     so the run itself is untouched: sizing the schedule does not change what the run computes.
-    Past ``max_seconds`` each size gets no more than two steps (one timed).
+    Past ``max_seconds`` each size gets its warm-up steps and one timed step.
     """
     probe = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe, cfg.optim)
@@ -438,9 +438,9 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
-                if len(times) >= 2 and time.perf_counter() - probe_start > max_seconds:
-                    break
-            step_times[size] = statistics.median(times[min(warmup, len(times) - 1):])
+                if len(times) > warmup and time.perf_counter() - probe_start > max_seconds:
+                    break  # warm-up steps (first-call kernel set-up: seconds in bf16) are never timed
+            step_times[size] = statistics.median(times[warmup:] or times)
         # Between the smallest and the full size a step's time is taken as linear in the pixel
         # (token) count: most of the work is per token; attention's quadratic part is small here.
         lo, hi = min(step_times), max(step_times)
