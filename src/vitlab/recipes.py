@@ -47,11 +47,12 @@ RECIPES: dict[str, Recipe] = {
         "Dosovitskiy et al. 2020, Appendix B.1, Table 3 (ImageNet row)"),
     # A ViT from scratch on CIFAR-10 under a wall-clock budget on 2 CPU cores (issue 8). Set by
     # arithmetic first, then checked on a held-out 10% of train (benchmarks/cifar10_notes.md):
-    # - Compute: this CPU sustains ~20-60 GFLOP/s on these small matmuls (measured, shared machine),
-    #   so 30 minutes is ~40-100 TFLOP. Training costs ~3x the forward FLOPs per image, so the
-    #   DeiT-style ViT-Ti/4 (0.73 GFLOP forward) sees < 1 epoch in 30 minutes (8-9 img/s measured).
-    #   The budget decides the model: width 192, depth 6, MLP 384 (ratio 2), 3 heads at patch 4
-    #   is 0.25 GFLOP forward, 1.8M parameters: about 3x the images of Ti/4 per second.
+    # - Compute: training costs ~3x the forward FLOPs per image. Measured: ~180 GFLOP/s in bf16
+    #   at 32 px on the quiet machine (0.53 s per step of 128), 12-26 GFLOP/s in fp32 under the
+    #   shared load. The DeiT-style ViT-Ti/4 (0.73 GFLOP forward) would see ~3 epochs in 30
+    #   quiet minutes (< 1 shared). The budget decides the model: width 192, depth 6, MLP 384
+    #   (ratio 2), 3 heads at patch 4 is 0.25 GFLOP forward, 1.8M parameters: ~3x the images of
+    #   Ti/4, ~15 epochs in 30 quiet minutes with resizing. (A larger model may win at 120.)
     # - Patch 4 (an 8 x 8 grid): published CIFAR ViTs need the fine grid (patch 8 reaches far
     #   less: kentaroy47/vision-transformers-cifar10, omihub777/ViT-CIFAR use 4 x 4 pixel patches).
     # - Progressive resizing (FFCV / fast.ai style): images start at 16 px (a 4 x 4 grid, a
