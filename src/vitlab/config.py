@@ -40,12 +40,14 @@ class ViTConfig:
     dropout: float = 0.0  # after the embedding, in the MLP and after attention
     attention_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth, rate rising linearly to this value
+    patch_dropout: float = 0.0  # training only: drop this fraction of patch tokens per image (PatchDropout)
     head_dropout: float = 0.0
     gelu: Gelu = "exact"  # the official JAX code uses "tanh"
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     fused_attention: bool = True  # the fastest kernel (SDPA or batched matmuls), else explicit softmax
     posemb_mode: PosembMode = "bicubic"  # how position embeddings are resampled
+    dynamic_image_size: bool = False  # any image size: position embeddings resampled in forward
     # Input preprocessing the weights expect (kept with the model so outputs match).
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # (0.5, 0.5) maps [0, 1] to [-1, 1]
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -59,6 +61,8 @@ class ViTConfig:
             )
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.pool not in ("token", "gap"):
             raise ValueError(f"pool must be 'token' or 'gap', got {self.pool!r}")
         if self.pool == "token" and not self.class_token:

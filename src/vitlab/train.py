@@ -76,6 +76,11 @@ class TrainConfig:
     steps: int = 0  # total optimiser steps; 0: from epochs
     time_budget: str = ""  # e.g. "30m", "1h30m", "90s": sizes `steps` to end by then (see `steps_for_budget`)
     label_smoothing: float = 0.0
+    # Progressive resizing: training images are downscaled to sizes rising linearly from
+    # `min_image_size` to the model's size over the first `resize_until` of the steps (see
+    # `image_size_at`); cheaper early steps buy more of them. The model needs dynamic_image_size.
+    min_image_size: int = 0  # progressive resizing: the first training size (0: off)
+    resize_until: float = 0.75  # progressive resizing: the model's size is reached at this fraction of the steps
     precision: Precision = "bf16"  # bf16 autocast (CPU and CUDA) or plain fp32
     ema_decay: float = 0.0  # weight EMA per step; 0 disables (when on, the EMA is evaluated and saved)
     eval_every: int = 0  # steps between evaluations; 0: once per epoch (always at the end)
@@ -106,13 +111,23 @@ class TrainConfig:
             (not (self.shard and self.time_budget), "time_budget cannot size a sharded run (its speed probe "
              "copies the model); set steps or epochs"),
             (self.train_blocks >= -1, "train_blocks must be >= 0, or -1 to train every parameter"),
+            (self.min_image_size >= 0 and 0 < self.resize_until <= 1,
+             "min_image_size must be >= 0 (0: off) and resize_until in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid TrainConfig: {message}")
         if self.time_budget:
             parse_duration(self.time_budget)
-        self.model_config(num_classes=None)  # an unknown model or model field fails here
+        m = self.model_config(num_classes=None)  # an unknown model or model field fails here
+        if self.min_image_size:
+            size, patch = as_pair(m.image_size)[0], getattr(m, "patch_size", 1)
+            if not getattr(m, "dynamic_image_size", False):
+                raise ValueError("invalid TrainConfig: min_image_size (progressive resizing) needs a model "
+                                 "with dynamic_image_size=True (--dynamic-image-size)")
+            if self.min_image_size % patch or not self.min_image_size < size:
+                raise ValueError(f"invalid TrainConfig: min_image_size {self.min_image_size} must be a multiple "
+                                 f"of the patch size {patch} and below the model's image size {size}")
 
     def model_config(self, num_classes: int | None) -> Any:
         """The model's config: the preset, the overrides, and ``num_classes`` when given."""
@@ -336,14 +351,45 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def image_size_at(step: int, total: int, *, low: int, high: int, until: float, multiple: int) -> int:
+    """The training image size at ``step`` of ``total`` under progressive resizing.
+
+    Rises linearly from ``low`` at step 0 to ``high`` at ``until * total`` steps, rounded down to a
+    multiple of ``multiple`` (the patch size); ``high`` from there on, and always when ``low`` is 0.
+    """
+    ramp = until * total
+    if not low or step >= ramp:
+        return high
+    return max(low, int((low + (high - low) * step / ramp) // multiple * multiple))
+
+
+def size_schedule(cfg: TrainConfig) -> Callable[[int, int], int]:
+    """``(step, total) -> image size`` for ``cfg`` (the model's size throughout without resizing)."""
+    m = cfg.model_config(num_classes=None)
+    high, patch = as_pair(m.image_size)[0], getattr(m, "patch_size", 1)
+    return lambda step, total: image_size_at(step, total, low=cfg.min_image_size, high=high,
+                                             until=cfg.resize_until, multiple=patch)
+
+
+def size_fractions(cfg: TrainConfig, points: int = 1000) -> dict[int, float]:
+    """The fraction of a run's steps spent at each image size (the same for any run length)."""
+    sizes = [size_schedule(cfg)(step, points) for step in range(points)]
+    return {s: sizes.count(s) / points for s in sorted(set(sizes))}
+
+
 def forward_backward(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
-                     device: torch.device) -> torch.Tensor:
-    """Run ``cfg.accum_steps`` micro-batches, accumulating gradients; returns the step's mean loss."""
+                     device: torch.device, image_size: int | None = None) -> torch.Tensor:
+    """Run ``cfg.accum_steps`` micro-batches, accumulating gradients; returns the step's mean loss.
+
+    ``image_size`` below the batches' own size downscales them first (progressive resizing).
+    """
     total = torch.zeros((), device=device)
     for micro in range(cfg.accum_steps):
         set_gradient_sync(model, micro == cfg.accum_steps - 1)  # processes average gradients once per step
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if image_size and image_size != x.shape[-1]:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)  # (B, C, s, s)
         with autocast(device, cfg.precision):
             logits = model(x)  # (B, classes)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing) / cfg.accum_steps
@@ -360,27 +406,47 @@ def steps_for_budget(seconds: float, *, step_s: float, eval_s: float, eval_every
 
 
 def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loader: Loader | None,
-                  device: torch.device, *, warmup: int = 3, timed: int = 5) -> tuple[float, float, float]:
+                  device: torch.device, *, warmup: int = 3, timed: int = 5,
+                  max_seconds: float = math.inf) -> tuple[float, float, float]:
     """Seconds per training step, per evaluation and per checkpoint, timed on a throwaway copy.
 
-    The copy has its own optimiser and the RNG states are restored afterwards, so the run
-    itself is untouched: sizing the schedule does not change what the run computes.
+    With progressive resizing the step time is the mean over the run, weighted by each image
+    size's share of the steps (the smallest and the full size are timed, sizes between
+    interpolated). The copy has its own optimiser and the RNG states are restored afterwards,
+    so the run itself is untouched: sizing the schedule does not change what the run computes.
+    Past ``max_seconds`` each size gets its warm-up steps and one timed step.
     """
     probe = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe, cfg.optim)
     batches = loader.epoch(0)
-    times = []
+    shares = size_fractions(cfg)
+    timed_sizes = sorted({min(shares), max(shares)}, reverse=True)
+    step_times: dict[int, float] = {}
+    probe_start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for _ in range(min(warmup + timed, len(loader) // cfg.accum_steps)):
-            start = time.perf_counter()
-            forward_backward(probe, batches, cfg, device)
-            nn.utils.clip_grad_norm_(probe.parameters(), cfg.optim.clip_grad_norm or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        step_s = statistics.median(times[warmup:] or times)
+        for size in timed_sizes:
+            times = []
+            for _ in range(min(warmup + timed, len(loader) // cfg.accum_steps)):
+                start = time.perf_counter()
+                try:
+                    forward_backward(probe, batches, cfg, device, size)
+                except StopIteration:  # a tiny data set: start the epoch again
+                    batches = loader.epoch(0)
+                    forward_backward(probe, batches, cfg, device, size)
+                nn.utils.clip_grad_norm_(probe.parameters(), cfg.optim.clip_grad_norm or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+                if len(times) > warmup and time.perf_counter() - probe_start > max_seconds:
+                    break  # warm-up steps (first-call kernel set-up: seconds in bf16) are never timed
+            step_times[size] = statistics.median(times[warmup:] or times)
+        # Between the smallest and the full size a step's time is taken as linear in the pixel
+        # (token) count: most of the work is per token; attention's quadratic part is small here.
+        lo, hi = min(step_times), max(step_times)
+        slope = (step_times[hi] - step_times[lo]) / (hi**2 - lo**2) if hi > lo else 0.0
+        step_s = sum(share * (step_times[lo] + slope * (size**2 - lo**2)) for size, share in shares.items())
         eval_s = 0.0
         if eval_loader is not None and len(eval_loader):
             batch_times = []
@@ -403,17 +469,19 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
 
 
 def resolve_length(cfg: TrainConfig, steps_per_epoch: int, measure: Callable[[], tuple[float, float, float]], *,
-                   elapsed: float = 0.0, log: Callable[[str], None] = print) -> tuple[TrainConfig, dict | None]:
+                   started: float | None = None, log: Callable[[str], None] = print) -> tuple[TrainConfig, dict | None]:
     """The config with its run length and intervals fixed in steps, and how a time budget sized it.
 
     A time budget calls ``measure()`` (seconds per step, evaluation, checkpoint) and takes the
-    most steps that fit in what is left of the budget after ``elapsed`` seconds.
+    most steps that fit in what is left of the budget since ``started`` (a ``time.perf_counter()``
+    reading; the measurement itself counts against the budget).
     """
     eval_every = cfg.eval_every or steps_per_epoch
     checkpoint_every = cfg.checkpoint_every or eval_every
     sizing = None
     if cfg.time_budget:
         step_s, eval_s, ckpt_s = measure()
+        elapsed = 0.0 if started is None else time.perf_counter() - started
         total = steps_for_budget(parse_duration(cfg.time_budget) - elapsed, step_s=step_s, eval_s=eval_s,
                                  eval_every=eval_every, ckpt_s=ckpt_s, checkpoint_every=checkpoint_every)
         if total < 1:
@@ -513,8 +581,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         else:
             log(f"{run} has no checkpoint yet; starting it from step 0")
     else:
-        cfg, sizing = resolve_length(cfg, steps_per_epoch, lambda: measure_speed(
-            model, cfg, loader, eval_loader, device), elapsed=time.perf_counter() - start_time, log=log)
+        cfg, sizing = resolve_length(cfg, steps_per_epoch, lambda: measure_speed(  # probing: <= ~5% of a budget
+            model, cfg, loader, eval_loader, device, max_seconds=0.05 * parse_duration(cfg.time_budget or "1s")),
+            started=start_time, log=log)
         cfg, sizing = broadcast_object((cfg, sizing), env)  # a time budget: every process runs rank 0's steps
         if is_main:
             write_json(run / CONFIG_FILE, {
@@ -522,8 +591,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 "class_names": data.class_names, "steps_per_epoch": steps_per_epoch, "sized_by": sizing})
     config = to_dict(cfg)
     total, peak = cfg.steps, cfg.optim.peak_lr(cfg.batch_size)
+    image_size_of = size_schedule(cfg)
     warmup = cfg.optim.warmup(total)
     params = sum(p.numel() for p in model.parameters())
+    resizing = (f"images from {cfg.min_image_size} px to full size by step {round(cfg.resize_until * total)}; "
+                if cfg.min_image_size else "")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = f" ({trained / 1e6:.2f}M trained)" if trained < params else ""
     scaled = f" (lr {cfg.optim.lr:g} at batch {cfg.optim.lr_batch_size}, scaled)" if cfg.optim.lr_batch_size else ""
@@ -532,7 +604,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     log(f"{cfg.model}: {params / 1e6:.2f}M parameters{frozen} on {device} ({cfg.precision}{spread}); {total} steps "
         f"({total / steps_per_epoch:.2f} epochs) of {cfg.batch_size} images (global batch = {micro_batch} per "
         f"process x {world_size} processes x {cfg.accum_steps} accumulation steps); peak lr {peak:.3g}{scaled}, "
-        f"{warmup} warm-up steps, {cfg.optim.schedule} decay; evaluating on {eval_split if eval_loader else 'nothing'}"
+        f"{warmup} warm-up steps, {cfg.optim.schedule} decay; {resizing}evaluating on {eval_split if eval_loader else 'nothing'}"
         f" every {cfg.eval_every} steps; run directory {run}")
 
     # -- the loop
@@ -558,7 +630,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
                 model.train()
                 try:
-                    loss = forward_backward(model, batches, cfg, device)
+                    loss = forward_backward(model, batches, cfg, device, image_size_of(step, total))
                 except StopIteration:
                     raise ValueError(f"epoch {epoch} ended early: whole batches of unreadable images were "
                                      f"skipped; remove the files reported above") from None
@@ -580,7 +652,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 images_per_s = cfg.batch_size / (time.perf_counter() - tick)
                 if is_main:
                     metrics.write({"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value,
-                                   "lr": lr, "grad_norm": grad_value, "images_per_s": round(images_per_s, 1)})
+                                   "lr": lr, "grad_norm": grad_value, "images_per_s": round(images_per_s, 1),
+                                   **({"image_size": image_size_of(step, total)} if cfg.min_image_size else {})})
                     bar.update()
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
 

@@ -169,6 +169,18 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def drop_patches(x: torch.Tensor, rate: float, num_prefix_tokens: int) -> torch.Tensor:
+    """PatchDropout (Liu et al. 2022): keep a random ``1 - rate`` of each image's patch tokens.
+
+    (B, prefix + N, D) -> (B, prefix + K, D), K = round(N * (1 - rate)); prefix tokens are kept.
+    """
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    b, n, d = patches.shape
+    keep = max(1, round(n * (1.0 - rate)))
+    idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep]  # (B, K)
+    return torch.cat([prefix, patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))], dim=1)
+
+
 class VisionTransformer(nn.Module):
     """ViT with timm-style seams: ``forward_features`` -> ``pool`` -> ``forward_head``."""
 
@@ -235,18 +247,29 @@ class VisionTransformer(nn.Module):
         h, w = x.shape[-2:] if x.ndim == 4 else (None, None)
         expected = as_pair(self.cfg.image_size)
         x = self.patch_embed(x.to(self.pos_embed.dtype))  # validates rank, channels, divisibility
+        pos_embed = self.pos_embed
         if (h, w) != expected:
-            raise ValueError(
-                f"expected {expected[0]}x{expected[1]} images, got {h}x{w}; "
-                f"call model.set_image_size(({h}, {w})) to resample the position embeddings"
-            )
+            if not self.cfg.dynamic_image_size:
+                raise ValueError(
+                    f"expected {expected[0]}x{expected[1]} images, got {h}x{w}; "
+                    f"call model.set_image_size(({h}, {w})) to resample the position embeddings"
+                )
+            # Resampled in the graph, so gradients reach the stored grid.
+            grid = replace_checked(self.cfg, image_size=(h, w)).grid_size
+            pos_embed = resample_posemb(pos_embed, grid, num_prefix_tokens=self.cfg.num_prefix_tokens,
+                                        old_grid=self.cfg.grid_size, mode=self.cfg.posemb_mode)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> encoded tokens after the final norm (B, prefix + N, D)."""
+        """Images (B, C, H, W) -> encoded tokens after the final norm (B, prefix + N, D).
+
+        In training with ``patch_dropout`` only a random subset of the N patch tokens goes on.
+        """
         x = self.embed(x)
+        if self.training and self.cfg.patch_dropout:
+            x = drop_patches(x, self.cfg.patch_dropout, self.cfg.num_prefix_tokens)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

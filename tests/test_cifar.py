@@ -1,0 +1,100 @@
+"""Progressive resizing (train loop) and dynamic image size (ViT): the knobs of the cifar10 recipe."""
+import json
+
+import pytest
+import torch
+
+from vitlab.config import ViTConfig
+from vitlab.data import DataConfig
+from vitlab.models.vit import VisionTransformer
+from vitlab.models.vit import drop_patches as vitlab_drop
+from vitlab.recipes import RECIPES
+from vitlab.train import TrainConfig, image_size_at, read_metrics, size_fractions, train
+
+from helpers import write_cifar
+from test_train import TINY
+
+
+def tiny_vit(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(ViTConfig(image_size=32, patch_size=4, num_classes=10, **TINY, **kw))
+
+
+def test_image_size_rises_linearly_in_patch_multiples_then_stays():
+    sizes = [image_size_at(s, 100, low=16, high=32, until=0.8, multiple=4) for s in range(100)]
+    assert sizes[0] == 16 and sizes[79] == 28 and sizes[80:] == [32] * 20
+    assert sizes == sorted(sizes) and {s % 4 for s in sizes} == {0}
+    assert [sizes.count(s) for s in (16, 20, 24, 28)] == [20, 20, 20, 20]
+    assert image_size_at(0, 100, low=0, high=32, until=0.8, multiple=4) == 32  # off
+
+
+def test_size_fractions_sum_to_one():
+    cfg = TrainConfig(model="vit_mu4_32px", model_overrides={"dynamic_image_size": True}, min_image_size=16,
+                      resize_until=0.5, steps=10)
+    assert size_fractions(cfg) == {16: 0.125, 20: 0.125, 24: 0.125, 28: 0.125, 32: 0.5}
+
+
+def test_dynamic_image_size_resamples_posemb_in_the_graph():
+    model = tiny_vit(dynamic_image_size=True)
+    static = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), static(x))  # the model's own size: unchanged
+    small = torch.randn(2, 3, 16, 16)
+    model.forward_features(small).sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad[0, 1:].abs().sum() > 0
+    with pytest.raises(ValueError, match="set_image_size"):
+        static(small)
+
+
+def test_progressive_resizing_needs_a_dynamic_model_and_a_valid_size():
+    with pytest.raises(ValueError, match="dynamic_image_size"):
+        TrainConfig(model="vit_mu4_32px", min_image_size=16)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        TrainConfig(model="vit_mu4_32px", model_overrides={"dynamic_image_size": True}, min_image_size=18)
+    with pytest.raises(ValueError, match="below the model's image size"):
+        TrainConfig(model="vit_mu4_32px", model_overrides={"dynamic_image_size": True}, min_image_size=32)
+
+
+def test_a_resized_run_trains_at_rising_sizes_and_evaluates_at_full_size(tmp_path):
+    data = write_cifar(tmp_path / "cifar-10-batches-bin")
+    cfg = TrainConfig(model="vit_mu4_32px", model_overrides={**TINY, "dynamic_image_size": True},
+                      data=DataConfig(path=str(data)), batch_size=16, steps=8, eval_every=8, threads=1,
+                      precision="fp32", min_image_size=16, resize_until=0.5)
+    result = train(cfg, tmp_path / "run", log=lambda msg: None)
+    sizes = [r["image_size"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "image_size" in r]
+    assert sizes == [16, 20, 24, 28, 32, 32, 32, 32]
+    assert result.eval is not None and 0.0 <= result.eval["eval_top1"] <= 1.0
+
+
+def test_cifar_recipes_are_documented_and_valid():
+    for name in ("cifar10", "cifar10_baseline"):
+        assert RECIPES[name].source and RECIPES[name].description
+        RECIPES[name].config.data_config()
+
+
+def test_a_time_budget_sizes_a_resized_run(tmp_path):
+    data = write_cifar(tmp_path / "cifar-10-batches-bin")
+    cfg = TrainConfig(model="vit_mu4_32px", model_overrides={**TINY, "dynamic_image_size": True},
+                      data=DataConfig(path=str(data)), batch_size=16, time_budget="3s", threads=1,
+                      precision="fp32", min_image_size=16)
+    result = train(cfg, tmp_path / "run", log=lambda msg: None)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["sized_by"]["step_s"] > 0 and result.step == config["train"]["steps"] >= 1
+
+
+def test_patch_dropout_keeps_a_random_subset_in_training_only():
+    model = tiny_vit(patch_dropout=0.5, pool="gap", class_token=False)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 32, TINY["width"])  # half of the 64 patches
+    tokens.sum().backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    model.eval()
+    assert model.forward_features(x).shape == (2, 64, TINY["width"])
+    kept = vitlab_drop(torch.arange(2 * 5 * 1.0).reshape(2, 5, 1), 0.25, 1)
+    assert kept.shape == (2, 4, 1) and kept[:, 0, 0].tolist() == [0.0, 5.0]  # the prefix token stays
+    assert all(len(set(row)) == 3 and set(row) <= set(range(b * 5 + 1, b * 5 + 5))
+               for b, row in enumerate(kept[:, 1:, 0].long().tolist()))
+    with pytest.raises(ValueError, match="patch_dropout"):
+        ViTConfig(patch_dropout=1.0)
