@@ -14,7 +14,7 @@ from vitlab.cli import main
 from vitlab.recipes import recipe
 from vitlab.train import override, read_metrics
 
-from test_train import write_learnable_cifar
+from helpers import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BIT = ["--model", "bit_r26x1_32px", "--layers", "1", "1", "--stem-width", "8", "--num-groups", "4"]
@@ -25,7 +25,7 @@ COMMON = ["--steps", "4", "--batch-size", "16", "--eval-every", "2", "--threads"
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
-    return write_learnable_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
+    return write_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,7 @@ class TrainConfig:
         m = self.model_config(num_classes=None)  # an unknown model or model field fails here
         if self.min_image_size:
             size, patch = as_pair(m.image_size)[0], getattr(m, "patch_size", 1)
-            if not getattr(m, "dynamic_image_size", False):
+            if not getattr(m, "dynamic_image_size", True):  # a ResNet (no such field) takes any size
                 raise ValueError("invalid TrainConfig: min_image_size (progressive resizing) needs a model "
                                  "with dynamic_image_size=True (--dynamic-image-size)")
             if self.min_image_size % patch or not self.min_image_size < size:
