@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import HybridConfig, replace_checked
 from .resnet import StdConv2d, make_stages, pad_same
-from .vit import VARIANTS, VisionTransformer
+from .vit import VARIANTS, VisionTransformer, check_images
 
 
 def hybrid_config(variant: str, resnet_layers: tuple[int, ...], **overrides) -> HybridConfig:
@@ -66,13 +66,7 @@ class ResNetEmbed(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> ResNet features (B, F, H/s, W/s), s = ``feature_stride``."""
-        if x.ndim != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        h, w = x.shape[-2:]
-        if h % self.stride or w % self.stride:
-            raise ValueError(f"image size {h}x{w} is not divisible by {self.stride} (ResNet stride x patch size)")
+        check_images(x, self.in_channels, self.stride, f"{self.stride} (ResNet stride x patch size)")
         x = F.relu(self.gn_root(self.conv_root(x)))
         x = F.max_pool2d(pad_same(x, 3, 2, value=float("-inf")), 3, stride=2)
         for stage in self.stages:

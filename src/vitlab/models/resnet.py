@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BiTConfig, HybridConfig, replace_checked
-from .vit import zero_head
+from .vit import check_images, zero_head
 
 # BiT presets: units per stage of R50, R101 and R152 (and R26, for small images).
 DEPTHS: dict[int, tuple[int, ...]] = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -136,8 +136,7 @@ class ResNetV2(nn.Module):
         """Images (B, C, H, W) -> (B, stem width, H/4, W/4): 7x7/2 conv, then 3x3/2 max-pool
         after zero padding (the official code's order; no norm before the first unit).
         Without ``stem_pool`` and at ``stem_stride`` 1 (small images): (B, stem width, H, W)."""
-        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"expected images of shape (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        check_images(x, self.cfg.in_channels)
         x = self.conv_root(x)
         return F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, stride=2) if self.cfg.stem_pool else x
 

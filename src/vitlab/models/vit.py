@@ -32,6 +32,19 @@ def vit_config(variant: str, **overrides) -> ViTConfig:
     return replace_checked(ViTConfig(**VARIANTS[size], patch_size=int(patch)), **overrides)
 
 
+def check_images(x: torch.Tensor, in_channels: int, stride: int = 1, what: str = "") -> None:
+    """A ValueError naming the expected and actual shape unless ``x`` is (B, in_channels, H, W)
+    with H and W divisible by ``stride`` (``what`` names the stride in the message)."""
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"expected {in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)}; "
+                         f"expected (B, {in_channels}, H, W))")
+    h, w = x.shape[-2:]
+    if h % stride or w % stride:
+        raise ValueError(f"image size {h}x{w} is not divisible by {what or stride}")
+
+
 def zero_head(num_features: int, num_classes: int, like: torch.Tensor | None = None) -> nn.Module:
     """A zero-initialised linear head (an identity for 0 classes), on ``like``'s device and dtype."""
     if not num_classes:
@@ -53,13 +66,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(cfg.in_channels, cfg.width, kernel_size=p, stride=p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        h, w = x.shape[-2:]
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch size {self.patch_size}")
+        check_images(x, self.in_channels, self.patch_size, f"patch size {self.patch_size}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
 
 
