@@ -8,7 +8,8 @@ evaluation; the loop always evaluates after its last step). The test set is neve
 a choice: the recipes were tuned on `--val-split 0.1` (benchmarks/cifar10_notes.md).
 
 Results accumulate in benchmarks/cifar10_budget.json (keyed by recipe, budget and seed), so
-budgets can be run in separate sessions; each run rewrites the `cifar10_budget` section of
+budgets can be run in separate sessions; each point records a hash of its recipe's config, and
+the table and plot show only points of the recipes as they are now (older ones are listed); each run rewrites the `cifar10_budget` section of
 benchmarks/RESULTS.md (table of every stored point, mean and std over seeds) and
 benchmarks/cifar10_budget.png.
 
@@ -19,6 +20,7 @@ benchmarks/cifar10_budget.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -49,6 +51,21 @@ def machine() -> dict[str, str]:
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     return {"cpu": model, "cores": str(os.cpu_count()), "torch": torch.__version__, "python": platform.python_version(),
             "git": git.strip() or "unknown"}
+
+
+def recipe_version(name: str) -> str:
+    """A short hash of the recipe's config: points of an older version of a recipe are not mixed in."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from vitlab.config import to_dict
+    from vitlab.recipes import RECIPES
+
+    text = json.dumps(to_dict(RECIPES[name].config), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def current(points: list[dict]) -> list[dict]:
+    """The points measured with the recipes as they are now."""
+    return [p for p in points if p.get("recipe_version") == recipe_version(p["recipe"])]
 
 
 class LoadSampler(threading.Thread):
@@ -88,13 +105,16 @@ def run_point(recipe: str, minutes: float, seed: int, data: str, runs: Path, ext
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     final = [r for r in records if "eval_top1" in r][-1]
     config = json.loads((out / "config.json").read_text())
-    if final["eval_split"] != "test" or final["step"] != config["train"]["steps"]:
+    last = max(r["step"] for r in records if "loss" in r)  # a budget run re-plans its steps as it goes
+    if final["eval_split"] != "test" or final["step"] != last:
         raise RuntimeError(f"{out}: the last evaluation is not on the test set after the last step: {final}")
-    return {"recipe": recipe, "budget_min": minutes, "seed": seed, "command": " ".join(cmd),
+    return {"recipe": recipe, "recipe_version": recipe_version(recipe), "budget_min": minutes, "seed": seed,
+            "command": " ".join(cmd),
             "wall_s": round(wall, 1), "test_top1": final["eval_top1"], "test_top5": final["eval_top5"],
             "steps": final["step"], "epochs": round(final["step"] / config["steps_per_epoch"], 2),
             "precision": config["train"]["precision"],
-            "step_s_sized": round(config["sized_by"]["step_s"], 3), "run_dir": str(out),
+            "step_s_sized": round(config["sized_by"]["step_s"], 3), "steps_first_plan": config["train"]["steps"],
+            "run_dir": str(out),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **load, **where}
 
 
@@ -127,7 +147,7 @@ def plot(points: list[dict], path: Path) -> None:
     ax.plot([], [], marker="*", color="grey", linestyle="none", label="issue 8 targets")
     ax.set_xlabel("wall time, end to end (minutes)")
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
-    ax.set_title("ViT from scratch on 2 CPU cores (shared machine)")
+    ax.set_title("ViT from scratch on 2 CPU cores")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -143,13 +163,14 @@ def group(points: list[dict], recipe: str) -> dict[float, list[dict]]:
     return out
 
 
-def section(points: list[dict]) -> str:
-    """The `cifar10_budget` section of RESULTS.md for every stored point."""
+def section(stored: list[dict]) -> str:
+    """The `cifar10_budget` section of RESULTS.md: the current recipes' points, then every command."""
+    points = current(stored)
     lines = [START, "## CIFAR-10 from scratch: test accuracy against wall time (issue 8)", "",
              "Made by `python benchmarks/cifar10_budget.py` (raw points: `benchmarks/cifar10_budget.json`). "
              "Wall time is one `vitlab train` process end to end; the test top-1 is of the last weights. "
-             "**Measured on a shared 2-core machine**: other jobs ran beside these (see the load average; "
-             "2.0 would be a fully busy 2-core machine), so wall times buy fewer steps than on a quiet one.", "",
+             "The load average during each run is shown: 2.0 is this 2-core machine fully busy with the run "
+             "alone; more means other jobs shared the cores and the budget bought fewer steps.", "",
              "| recipe | budget | seeds | test top-1 (mean ± std) | wall time | steps (epochs) | precision | load avg mean/max |",
              "|---|---|---|---|---|---|---|---|"]
     for recipe in ("cifar10", "cifar10_baseline"):
@@ -167,9 +188,11 @@ def section(points: list[dict]) -> str:
     if todo:
         lines += ["Not measured yet (issue 8's protocol); on a quiet machine, run:", ""]
         lines += [f"    python benchmarks/cifar10_budget.py {args}" for args in todo] + [""]
-    lines += ["Commands, machines and versions:", ""]
-    for p in points:
-        lines.append(f"- {p['date']}, {p['cpu']} ({p['cores']} cores), torch {p['torch']}, python {p['python']}, "
+    lines += ["Commands, machines and versions (points marked *earlier recipe* ran an older version of the "
+              "recipe and are left out of the table and plot; `benchmarks/cifar10_notes.md` says what changed):", ""]
+    for p in stored:
+        old = "" if p in points else "*earlier recipe* "
+        lines.append(f"- {old}{p['date']}, {p['cpu']} ({p['cores']} cores), torch {p['torch']}, python {p['python']}, "
                      f"git {p['git']}: `{p['command']}` -> {100 * p['test_top1']:.2f}% in {p['wall_s'] / 60:.1f} min")
     lines.append(END)
     return "\n".join(lines)
@@ -195,7 +218,7 @@ def write_results(points: list[dict]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + new + "\n"
     RESULTS.write_text(text)
-    plot(points, PNG)
+    plot(current(points), PNG)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,12 @@ import json
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import vitlab
 from vitlab.config import ViTConfig
 from vitlab.data import DataConfig
+from vitlab.interop.convert import export_model
 from vitlab.models.vit import VisionTransformer
 from vitlab.models.vit import drop_patches as vitlab_drop
 from vitlab.recipes import RECIPES
@@ -79,7 +82,8 @@ def test_a_time_budget_sizes_a_resized_run(tmp_path):
                       precision="fp32", min_image_size=16)
     result = train(cfg, tmp_path / "run", log=lambda msg: None)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["sized_by"]["step_s"] > 0 and result.step == config["train"]["steps"] >= 1
+    assert config["sized_by"]["step_s"] > 0 and result.step >= 1
+    assert set(config["sized_by"]["step_s_by_size"]) == {"16", "32"}  # the smallest and the full size timed
 
 
 def test_patch_dropout_keeps_a_random_subset_in_training_only():
@@ -98,3 +102,18 @@ def test_patch_dropout_keeps_a_random_subset_in_training_only():
                for b, row in enumerate(kept[:, 1:, 0].long().tolist()))
     with pytest.raises(ValueError, match="patch_dropout"):
         ViTConfig(patch_dropout=1.0)
+
+
+def test_conv_stem_cuts_the_same_grid_counts_its_flops_and_is_not_exported(tmp_path):
+    model = tiny_vit(conv_stem=(8, 16), pool="gap", class_token=False, dynamic_image_size=True,
+                     fused_attention=False).eval()
+    assert model.patch_embed.proj.kernel_size == (1, 1) and len(model.patch_embed.stem) == 6
+    for size in (32, 16):  # progressive resizing runs it at smaller sizes too
+        assert model.forward_features(torch.randn(2, 3, size, size)).shape == (2, (size // 4) ** 2, TINY["width"])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(3, 3, 32, 32))
+    assert counter.get_total_flops() == 3 * vitlab.count_flops(model)
+    with pytest.raises(ValueError, match="patch_size must be 4"):
+        ViTConfig(patch_size=8, conv_stem=(8, 16))
+    with pytest.raises(ValueError, match="convolutional stem"):
+        export_model(model, tmp_path / "m.npz")

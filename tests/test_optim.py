@@ -79,3 +79,11 @@ def test_update_ema():
     old = ema.head.weight.detach().clone()
     update_ema(ema, model, 0.9)
     torch.testing.assert_close(ema.head.weight, 0.9 * old + 0.1 * model.head.weight.detach())
+
+
+def test_update_ema_copies_batchnorm_statistics():
+    model, ema = torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    model(torch.randn(8, 4) + 3.0)  # training mode: the running statistics move
+    update_ema(ema, model, 0.99)
+    torch.testing.assert_close(ema.running_mean, model.running_mean)
+    assert ema.num_batches_tracked == 1

@@ -16,8 +16,8 @@ import vitlab
 from vitlab.cli import build_parser, main
 from vitlab.data import DataConfig
 from vitlab.recipes import RECIPES, recipe
-from vitlab.train import (TrainConfig, every, load_run_config, override, parse_duration,
-                          read_metrics, resume, steps_for_budget, train)
+from vitlab.train import (Pace, Pacer, TrainConfig, every, override, parse_duration,
+                          read_metrics, resume, step_seconds, steps_for_budget, train)
 from helpers import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,27 @@ def test_durations_and_budget_arithmetic():
     used = steps * 0.5 + (steps / 40 + 1) * 11
     assert used <= 100 < used + 0.5 + 11 / 40
     assert every(8, 4) and not every(6, 4) and not every(8, 0)
+
+
+def test_pace_replans_without_breaking_the_schedules():
+    pace = Pace(plan=10, total=10)
+    assert [pace.position(s) for s in range(10)] == list(range(10))  # no budget: the position is the step
+    longer = pace.replan(4, 10)  # a faster machine: 10 steps left after 4 instead of 6
+    assert longer.total == 14 and longer.position(4) == pace.position(4) == 4
+    positions = [longer.position(s) for s in range(4, 14)]
+    assert positions[-1] == 9 and all(a < b for a, b in zip(positions, positions[1:]))  # still ends at plan - 1
+    assert pace.replan(4, 0).total == 4  # past the deadline: stop there
+
+
+def test_pacer_sizes_the_steps_left_from_the_measured_speed():
+    sizing = {"step_s_by_size": {16: 0.005, 32: 0.01}, "eval_s": 0.0, "checkpoint_s": 0.0}
+    pacer = Pacer(sizing, time.perf_counter() + 1.0, lambda position, plan: 32, every=5, eval_every=10**6,
+                  checkpoint_every=10**6)
+    for _ in range(5):
+        pacer.record(32, 0.02)  # steps take twice what the probe said
+    left = pacer.replan(Pace(plan=100, total=100), 5).total - 5
+    assert 40 <= left <= 50  # ~1 s at 0.02 s a step
+    assert step_seconds(sizing["step_s_by_size"], 24) == pytest.approx(0.005 + 0.005 * (24**2 - 16**2) / (32**2 - 16**2))
 
 
 # ---------------------------------------------------------------- the loop
@@ -235,8 +256,9 @@ def test_time_budget_sizes_the_run_then_stops_by_steps(cifar, tmp_path):
                    log=quiet)
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["sized_by"]["time_budget"] == "2s" and config["sized_by"]["step_s"] > 0
-    assert config["train"]["time_budget"] == "" and result.step == config["train"]["steps"] >= 1
-    assert load_run_config(tmp_path / "r").steps == result.step  # resume would not re-measure
+    assert config["train"]["time_budget"] == "" and result.step >= 1
+    pace = torch.load(tmp_path / "r" / "state.pt", weights_only=True)["pace"]
+    assert pace["plan"] == config["train"]["steps"] and pace["total"] == result.step  # resume keeps the plan
 
 
 def test_resume_errors_are_clear(cifar, tmp_path):

@@ -41,6 +41,10 @@ class ViTConfig:
     attention_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth, rate rising linearly to this value
     patch_dropout: float = 0.0  # training only: drop this fraction of patch tokens per image (PatchDropout)
+    # A convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"),
+    # a small-image form of the paper's hybrid (tokens from a CNN feature map): 3x3 stride-2
+    # convolutions (BatchNorm, ReLU) with these output channels, then a 1x1 projection to D.
+    conv_stem: tuple[int, ...] = ()  # conv stem channels (patch_size = 2 ** their number); (): linear patches
     head_dropout: float = 0.0
     gelu: Gelu = "exact"  # the official JAX code uses "tanh"
     qkv_bias: bool = True
@@ -67,6 +71,9 @@ class ViTConfig:
             raise ValueError(f"pool must be 'token' or 'gap', got {self.pool!r}")
         if self.pool == "token" and not self.class_token:
             raise ValueError("pool='token' needs class_token=True; use pool='gap' without it")
+        if self.conv_stem and 2 ** len(self.conv_stem) != self.patch_size:
+            raise ValueError(f"conv_stem {self.conv_stem} has {len(self.conv_stem)} stride-2 convolutions, so "
+                             f"patch_size must be {2 ** len(self.conv_stem)}, got {self.patch_size}")
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
 

@@ -26,7 +26,13 @@ def vit_flops(cfg: ViTConfig, image_size: int | tuple[int, int] | None = None) -
     """FLOPs of one forward pass of a ViT with ``cfg`` on one image."""
     h, w = as_pair(image_size or cfg.image_size)
     n = (h // cfg.patch_size) * (w // cfg.patch_size)
-    return 2 * n * cfg.in_channels * cfg.patch_size**2 * cfg.width + _encoder_flops(cfg, n)
+    if not cfg.conv_stem:
+        return 2 * n * cfg.in_channels * cfg.patch_size**2 * cfg.width + _encoder_flops(cfg, n)
+    stem, cin = 0, cfg.in_channels
+    for cout in cfg.conv_stem:  # 3x3, stride 2, padding 1
+        flops, h, w = _conv(h, w, cin, cout, 3, 2, same=False)
+        stem, cin = stem + flops, cout
+    return stem + 2 * n * cin * cfg.width + _encoder_flops(cfg, n)
 
 
 def _conv(h: int, w: int, cin: int, cout: int, k: int, stride: int, same: bool) -> tuple[int, int, int]:

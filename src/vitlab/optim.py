@@ -100,5 +100,8 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int, schedule: Schedule
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter (one fused call)."""
+    """ema <- decay * ema + (1 - decay) * model, for every parameter (one fused call); buffers
+    (BatchNorm statistics) are copied."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    for mine, theirs in zip(ema.buffers(), model.buffers()):
+        mine.copy_(theirs)

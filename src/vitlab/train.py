@@ -221,8 +221,9 @@ class TrainState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     ema: nn.Module | None = None
-    step: int = 0  # optimiser steps done; the lr schedule is a pure function of it
+    step: int = 0  # optimiser steps done; with `pace`, the schedules are a pure function of it
     best_top1: float = -1.0
+    pace: Pace | None = None
 
     def state_dict(self, steps_per_epoch: int, config: dict[str, Any]) -> dict[str, Any]:
         epoch, batch = divmod(self.step, steps_per_epoch)
@@ -235,6 +236,7 @@ class TrainState:
             "optimizer": optimizer_state(self.model, self.optimizer),
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
             "best_top1": self.best_top1,
+            "pace": dataclasses.asdict(self.pace) if self.pace is not None else None,
             "config": config,
         }
 
@@ -259,6 +261,7 @@ class TrainState:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.best_top1 = int(state["step"]), float(state.get("best_top1", -1.0))
+        self.pace = Pace(**state["pace"]) if state.get("pace") else None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -405,14 +408,82 @@ def steps_for_budget(seconds: float, *, step_s: float, eval_s: float, eval_every
     return int(steps)
 
 
+@dataclass
+class Pace:
+    """Where the lr and image-size schedules stand at each step: a position in ``plan`` steps.
+
+    Without a time budget the position is the step itself. A budget run re-plans how many
+    steps are left from the speed it measures (`replan`): from there the remaining steps are
+    spread evenly over the rest of the schedules, which still end exactly at ``plan - 1``, so
+    a faster or slower machine stretches or squeezes them instead of cutting them short.
+    """
+
+    plan: int  # the schedules' length, in steps (the first sizing)
+    total: int  # steps the run takes (a budget run re-plans it)
+    from_step: int = 0  # the last re-planning: its step ...
+    from_position: float = 0.0  # ... and position
+
+    def position(self, step: int) -> float:
+        if step >= self.total - 1:
+            return float(self.plan - 1)
+        rate = (self.plan - 1 - self.from_position) / (self.total - 1 - self.from_step)
+        return self.from_position + (step - self.from_step) * rate
+
+    def replan(self, step: int, steps_left: int) -> Pace:
+        """The same schedules with ``steps_left`` steps after ``step`` steps done (0: stop there)."""
+        return Pace(self.plan, step + steps_left, step, self.position(step))
+
+
+def step_seconds(step_times: dict[int, float], size: int) -> float:
+    """A step's time at image ``size``, from times measured at the smallest and the full size.
+
+    Taken as linear in the pixel (token) count: most of the work is per token; attention's
+    quadratic part is small at these sizes.
+    """
+    lo, hi = min(step_times), max(step_times)
+    slope = (step_times[hi] - step_times[lo]) / (hi**2 - lo**2) if hi > lo else 0.0
+    return step_times[lo] + slope * (size**2 - lo**2)
+
+
+class Pacer:
+    """Keeps a time-budget run on its deadline: re-plans the steps left from the speed measured so far.
+
+    The probe before step 0 sees a few steps; the machine's load can change after it. Every
+    ``every`` steps the steps since the last re-planning are compared with what the probe
+    predicted for their image sizes, and the steps left are sized again at that speed.
+    """
+
+    def __init__(self, sizing: dict[str, Any], deadline: float, size_at: Callable[[float, int], int], *,
+                 every: int, eval_every: int, checkpoint_every: int) -> None:
+        self.sizing, self.deadline, self.size_at, self.every = sizing, deadline, size_at, every
+        self.intervals = {"eval_every": eval_every, "checkpoint_every": checkpoint_every}
+        self.spent = self.predicted = 0.0  # seconds of steps since the last re-planning, measured and probed
+
+    def record(self, size: int, seconds: float) -> None:
+        self.spent += seconds
+        self.predicted += step_seconds(self.sizing["step_s_by_size"], size)
+
+    def replan(self, pace: Pace, done: int) -> Pace:
+        """``pace`` with the steps after ``done`` sized to end by the deadline (0 when it has passed)."""
+        slower = self.spent / self.predicted if self.predicted else 1.0  # > 1: slower than probed
+        self.spent = self.predicted = 0.0
+        start = pace.position(done)
+        points = [start + (pace.plan - 1 - start) * i / 99 for i in range(100)]
+        step_s = statistics.fmean(step_seconds(self.sizing["step_s_by_size"], self.size_at(p, pace.plan))
+                                  for p in points)
+        left = steps_for_budget(self.deadline - time.perf_counter(), step_s=slower * step_s,
+                                eval_s=slower * self.sizing["eval_s"], ckpt_s=self.sizing["checkpoint_s"],
+                                **self.intervals)
+        return pace.replan(done, max(0, left))
+
+
 def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loader: Loader | None,
                   device: torch.device, *, warmup: int = 3, timed: int = 5,
-                  max_seconds: float = math.inf) -> tuple[float, float, float]:
-    """Seconds per training step, per evaluation and per checkpoint, timed on a throwaway copy.
+                  max_seconds: float = math.inf) -> tuple[dict[int, float], float, float]:
+    """Seconds per training step (by image size), per evaluation and per checkpoint, on a throwaway copy.
 
-    With progressive resizing the step time is the mean over the run, weighted by each image
-    size's share of the steps (the smallest and the full size are timed, sizes between
-    interpolated). The copy has its own optimiser and the RNG states are restored afterwards,
+    With progressive resizing the smallest and the full size are timed (`step_seconds`
+    interpolates between them). The copy has its own optimiser and the RNG states are restored afterwards,
     so the run itself is untouched: sizing the schedule does not change what the run computes.
     Past ``max_seconds`` each size gets its warm-up steps and one timed step.
     """
@@ -442,11 +513,6 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
                 if len(times) > warmup and time.perf_counter() - probe_start > max_seconds:
                     break  # warm-up steps (first-call kernel set-up: seconds in bf16) are never timed
             step_times[size] = statistics.median(times[warmup:] or times)
-        # Between the smallest and the full size a step's time is taken as linear in the pixel
-        # (token) count: most of the work is per token; attention's quadratic part is small here.
-        lo, hi = min(step_times), max(step_times)
-        slope = (step_times[hi] - step_times[lo]) / (hi**2 - lo**2) if hi > lo else 0.0
-        step_s = sum(share * (step_times[lo] + slope * (size**2 - lo**2)) for size, share in shares.items())
         eval_s = 0.0
         if eval_loader is not None and len(eval_loader):
             batch_times = []
@@ -465,29 +531,33 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
         save_checkpoint(Path(tmp), TrainState(probe, optimizer), probe, steps_per_epoch=1, config={},
                         class_names=[], meta={})
         ckpt_s = time.perf_counter() - start
-    return step_s, eval_s, ckpt_s
+    return step_times, eval_s, ckpt_s
 
 
-def resolve_length(cfg: TrainConfig, steps_per_epoch: int, measure: Callable[[], tuple[float, float, float]], *,
+def resolve_length(cfg: TrainConfig, steps_per_epoch: int,
+                   measure: Callable[[], tuple[dict[int, float], float, float]], *,
                    started: float | None = None, log: Callable[[str], None] = print) -> tuple[TrainConfig, dict | None]:
     """The config with its run length and intervals fixed in steps, and how a time budget sized it.
 
-    A time budget calls ``measure()`` (seconds per step, evaluation, checkpoint) and takes the
-    most steps that fit in what is left of the budget since ``started`` (a ``time.perf_counter()``
-    reading; the measurement itself counts against the budget).
+    A time budget calls ``measure()`` (seconds per step by image size, per evaluation and per
+    checkpoint) and takes the most steps that fit in what is left of the budget since ``started``
+    (a ``time.perf_counter()`` reading; the measurement itself counts against the budget). The
+    run re-plans from its own speed as it goes (`Pace`).
     """
     eval_every = cfg.eval_every or steps_per_epoch
     checkpoint_every = cfg.checkpoint_every or eval_every
     sizing = None
     if cfg.time_budget:
-        step_s, eval_s, ckpt_s = measure()
+        step_times, eval_s, ckpt_s = measure()
+        step_s = sum(share * step_seconds(step_times, size) for size, share in size_fractions(cfg).items())
         elapsed = 0.0 if started is None else time.perf_counter() - started
         total = steps_for_budget(parse_duration(cfg.time_budget) - elapsed, step_s=step_s, eval_s=eval_s,
                                  eval_every=eval_every, ckpt_s=ckpt_s, checkpoint_every=checkpoint_every)
         if total < 1:
             raise ValueError(f"time budget {cfg.time_budget} is too short: a step takes {step_s:.2f} s and "
                              f"an evaluation {eval_s:.1f} s")
-        sizing = {"time_budget": cfg.time_budget, "step_s": step_s, "eval_s": eval_s, "checkpoint_s": ckpt_s}
+        sizing = {"time_budget": cfg.time_budget, "seconds": parse_duration(cfg.time_budget), "step_s": step_s,
+                  "step_s_by_size": step_times, "eval_s": eval_s, "checkpoint_s": ckpt_s}
         log(f"time budget {cfg.time_budget}: a step takes {step_s:.3f} s, an evaluation {eval_s:.1f} s "
             f"-> {total} steps")
     else:
@@ -572,12 +642,13 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     eval_model = ema if ema is not None else model
 
     # -- run length, then resume or start
+    sizing = None  # how a time budget sized the run (a new run only)
     if resume:
         if not cfg.steps or cfg.time_budget:
             raise ValueError("resume needs the run's resolved config; use load_run_config(run_dir)")
         if (run / STATE_FILE).exists():
             state.load_state_dict(load_state(run / STATE_FILE), steps_per_epoch, str(run / STATE_FILE))
-            log(f"resuming {run} at step {state.step} of {cfg.steps}")
+            log(f"resuming {run} at step {state.step} of {state.pace.total if state.pace else cfg.steps}")
         else:
             log(f"{run} has no checkpoint yet; starting it from step 0")
     else:
@@ -593,6 +664,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     total, peak = cfg.steps, cfg.optim.peak_lr(cfg.batch_size)
     image_size_of = size_schedule(cfg)
     warmup = cfg.optim.warmup(total)
+    pace = state.pace = state.pace or Pace(total, total)  # a resumed run keeps its last plan
+    pacer = None if resume or sizing is None else Pacer(
+        sizing, start_time + sizing["seconds"], image_size_of, every=max(1, total // 40),
+        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
     params = sum(p.numel() for p in model.parameters())
     resizing = (f"images from {cfg.min_image_size} px to full size by step {round(cfg.resize_until * total)}; "
                 if cfg.min_image_size else "")
@@ -609,7 +684,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
     # -- the loop
     metrics = MetricsLog(run / METRICS_FILE, keep_until=state.step) if is_main else None
-    bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, disable=not is_main)
+    bar = tqdm(total=pace.total, initial=state.step, unit="step", dynamic_ncols=True, disable=not is_main)
     last_eval: dict[str, Any] | None = None
     saved_step = state.step if (run / STATE_FILE).exists() else None
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -617,9 +692,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     try:
         with StopOnSignal() as stop:
             tick = time.perf_counter()
-            for step in range(state.step, total):
-                lr = lr_at(step, peak=peak, warmup=warmup, total=total, schedule=cfg.optim.schedule,
+            while state.step < pace.total:
+                step, position = state.step, pace.position(state.step)
+                lr = lr_at(position, peak=peak, warmup=warmup, total=total, schedule=cfg.optim.schedule,
                            min_ratio=cfg.optim.min_lr_ratio)
+                image_size = image_size_of(position, total)
                 for group in state.optimizer.param_groups:
                     group["lr"] = lr
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -630,7 +707,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
                 model.train()
                 try:
-                    loss = forward_backward(model, batches, cfg, device, image_size_of(step, total))
+                    loss = forward_backward(model, batches, cfg, device, image_size)
                 except StopIteration:
                     raise ValueError(f"epoch {epoch} ended early: whole batches of unreadable images were "
                                      f"skipped; remove the files reported above") from None
@@ -649,22 +726,29 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 state.step = done = step + 1
                 signum = int(max_across_ranks([stop.signum], env).item())  # all processes stop at one step
 
-                images_per_s = cfg.batch_size / (time.perf_counter() - tick)
+                step_s = time.perf_counter() - tick
+                images_per_s = cfg.batch_size / step_s
+                if pacer is not None:
+                    pacer.record(image_size, step_s)
+                    if every(done, pacer.every) and done < pace.total:
+                        pace = state.pace = broadcast_object(pacer.replan(pace, done), env)  # rank 0's plan
+                        bar.total = pace.total
                 if is_main:
                     metrics.write({"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value,
                                    "lr": lr, "grad_norm": grad_value, "images_per_s": round(images_per_s, 1),
-                                   **({"image_size": image_size_of(step, total)} if cfg.min_image_size else {})})
+                                   **({"image_size": image_size} if cfg.min_image_size else {}),
+                                   **({"steps_planned": pace.total} if pacer is not None else {})})
                     bar.update()
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
 
-                if eval_loader is not None and (every(done, cfg.eval_every) or done == total):
+                if eval_loader is not None and (every(done, cfg.eval_every) or done == pace.total):
                     result = evaluate(eval_model, eval_loader, device=device, precision=cfg.precision,
                                       class_names=data.class_names, env=env)
                     last_eval = {"step": done, "eval_split": eval_split, "eval_loss": result.loss,
                                  "eval_top1": result.top1, "eval_top5": result.top5}
                     if is_main:
                         metrics.write(last_eval)
-                        log(f"step {done}/{total}: {eval_split} top-1 {100 * result.top1:.2f}%, "
+                        log(f"step {done}/{pace.total}: {eval_split} top-1 {100 * result.top1:.2f}%, "
                             f"top-5 {100 * result.top5:.2f}%, loss {result.loss:.4f}")
                     if result.top1 > state.best_top1:
                         state.best_top1 = result.top1
@@ -675,7 +759,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                     if is_main and time.perf_counter() - plotted > PLOT_EVERY_S:
                         plot_curves(read_metrics(run / METRICS_FILE), run / CURVES_FILE)
                         plotted = time.perf_counter()
-                if every(done, cfg.checkpoint_every) or done == total or signum:
+                if every(done, cfg.checkpoint_every) or done == pace.total or signum:
                     save_checkpoint(run, state, eval_model, steps_per_epoch=steps_per_epoch, config=config,
                                     class_names=data.class_names, meta={"step": done, "model": cfg.model,
                                                                         **(last_eval or {})}, is_main=is_main)

@@ -160,6 +160,9 @@ def export_model(model: nn.Module, dst: str | os.PathLike, fmt: str | None = Non
     if fmt != "timm" and fmt in FORMATS and (fmt == "bit") != isinstance(cfg, BiTConfig):
         raise ValueError(f"the {fmt!r} format holds " + ("only BiT ResNets" if fmt == "bit" else "no BiT ResNet")
                          + f"; this model is a {type(cfg).__name__} (export a BiT model as bit .npz or timm)")
+    if getattr(cfg, "conv_stem", ()):
+        raise ValueError(f"no {fmt} model has vitlab's convolutional stem (conv_stem={cfg.conv_stem}); keep this "
+                         f"model as vitlab .safetensors or export it to ONNX")
     if fmt == "hf" and isinstance(cfg, HybridConfig):
         raise ValueError("vitlab writes Hugging Face folders for plain ViTs only; export the hybrid to official "
                          ".npz or timm")

@@ -28,7 +28,7 @@ class AnySize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, cfg = self.model, self.model.cfg
-        x = m.patch_embed.proj(x)  # (B, D, gh, gw)
+        x = m.patch_embed.grid(x)  # (B, D, gh, gw)
         grid = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         prefix = cfg.num_prefix_tokens

@@ -56,18 +56,32 @@ def zero_head(num_features: int, num_classes: int, like: torch.Tensor | None = N
 
 
 class PatchEmbed(nn.Module):
-    """Flatten P x P patches and project them linearly (a strided conv is the same map)."""
+    """Flatten P x P patches and project them linearly (a strided conv is the same map).
+
+    With ``cfg.conv_stem`` 3x3 stride-2 convolutions (BatchNorm, ReLU) cut the patches and the
+    projection is 1x1 (Xiao et al. 2021).
+    """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        p = cfg.patch_size
-        self.patch_size = p
-        self.in_channels = cfg.in_channels
-        self.proj = nn.Conv2d(cfg.in_channels, cfg.width, kernel_size=p, stride=p)
+        self.patch_size = p = cfg.patch_size
+        self.in_channels = cin = cfg.in_channels
+        layers: list[nn.Module] = []
+        for channels in cfg.conv_stem:  # each halves H and W
+            layers += [nn.Conv2d(cin, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels),
+                       nn.ReLU(inplace=True)]
+            cin = channels
+        self.stem = nn.Sequential(*layers)  # empty: the identity
+        k = 1 if cfg.conv_stem else p
+        self.proj = nn.Conv2d(cin, cfg.width, kernel_size=k, stride=k)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> token grid (B, D, H/P, W/P)."""
+        check_images(x, self.in_channels, self.patch_size, f"patch size {self.patch_size}")
+        return self.proj(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, self.in_channels, self.patch_size, f"patch size {self.patch_size}")
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+        return self.grid(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
 
 
 def sdpa_is_faster(x: torch.Tensor) -> bool:
@@ -225,7 +239,7 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """The official code's initialisation (lecun-normal patches, xavier dense, zero head)."""
-        fan_in = self.patch_embed.proj.in_channels * self.cfg.patch_size**2
+        fan_in = self.patch_embed.proj.weight[0].numel()  # C x P x P (or the stem's channels x 1 x 1)
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1 / fan_in) / 0.87962566)
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
