@@ -41,6 +41,9 @@ def test_matmul_attention_matches_explicit_forward_and_backward(dtype, tol):
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    with torch.no_grad():  # inference: the softmax is written over the scores
+        torch.testing.assert_close(matmul_attention(q, k, v, 12**-0.5, torch.nn.Identity()), ref.detach(),
+                                   atol=tol, rtol=tol)
 
 
 def test_sdpa_rule():

@@ -128,6 +128,7 @@ def test_pacer_sizes_the_steps_left_from_the_measured_speed():
         pacer.record(32, 0.02)  # steps take twice what the probe said
     left = pacer.replan(Pace(plan=100, total=100), 5).total - 5
     assert 40 <= left <= 50  # ~1 s at 0.02 s a step
+    assert pacer.step_s(32) == 0.02 and pacer.step_s(16) == pytest.approx(0.01)  # unseen: the probe's x 2
     assert step_seconds(sizing["step_s_by_size"], 24) == pytest.approx(0.005 + 0.005 * (24**2 - 16**2) / (32**2 - 16**2))
 
 

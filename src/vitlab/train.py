@@ -13,6 +13,7 @@ function of the step, so the state above is all a run needs to continue bit for 
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import difflib
@@ -448,31 +449,45 @@ def step_seconds(step_times: dict[int, float], size: int) -> float:
 class Pacer:
     """Keeps a time-budget run on its deadline: re-plans the steps left from the speed measured so far.
 
-    The probe before step 0 sees a few steps; the machine's load can change after it. Every
-    ``every`` steps the steps since the last re-planning are compared with what the probe
-    predicted for their image sizes, and the steps left are sized again at that speed.
+    The probe before step 0 sees a few steps; the machine's load can change after it, and its
+    model of the sizes between the smallest and the full one is linear. Every ``every`` steps
+    the steps left are sized again: each image size costs the median of its last measured
+    steps, and a size not yet reached costs the probe's estimate scaled by how far the current
+    size's measurement is from the probe's.
     """
 
     def __init__(self, sizing: dict[str, Any], deadline: float, size_at: Callable[[float, int], int], *,
                  every: int, eval_every: int, checkpoint_every: int) -> None:
         self.sizing, self.deadline, self.size_at, self.every = sizing, deadline, size_at, every
         self.intervals = {"eval_every": eval_every, "checkpoint_every": checkpoint_every}
-        self.spent = self.predicted = 0.0  # seconds of steps since the last re-planning, measured and probed
+        self.measured: dict[int, collections.deque[float]] = {}  # image size -> its last step times
+        self.size = 0  # the last size with enough measured steps
 
     def record(self, size: int, seconds: float) -> None:
-        self.spent += seconds
-        self.predicted += step_seconds(self.sizing["step_s_by_size"], size)
+        times = self.measured.setdefault(size, collections.deque(maxlen=25))
+        times.append(seconds)
+        if len(times) >= 5:  # a size's first steps include one-off set-up: wait for a few
+            self.size = size
+
+    def slower(self) -> float:
+        """The current size's measured step time over the probe's estimate (1 before any)."""
+        if not self.size:
+            return 1.0
+        return statistics.median(self.measured[self.size]) / step_seconds(self.sizing["step_s_by_size"], self.size)
+
+    def step_s(self, size: int) -> float:
+        """The expected seconds of a step at ``size``: measured, or else the probe's estimate scaled."""
+        if len(self.measured.get(size, ())) >= 5:
+            return statistics.median(self.measured[size])
+        return step_seconds(self.sizing["step_s_by_size"], size) * self.slower()
 
     def replan(self, pace: Pace, done: int) -> Pace:
         """``pace`` with the steps after ``done`` sized to end by the deadline (0 when it has passed)."""
-        slower = self.spent / self.predicted if self.predicted else 1.0  # > 1: slower than probed
-        self.spent = self.predicted = 0.0
         start = pace.position(done)
         points = [start + (pace.plan - 1 - start) * i / 99 for i in range(100)]
-        step_s = statistics.fmean(step_seconds(self.sizing["step_s_by_size"], self.size_at(p, pace.plan))
-                                  for p in points)
-        left = steps_for_budget(self.deadline - time.perf_counter(), step_s=slower * step_s,
-                                eval_s=slower * self.sizing["eval_s"], ckpt_s=self.sizing["checkpoint_s"],
+        step_s = statistics.fmean(self.step_s(self.size_at(p, pace.plan)) for p in points)
+        left = steps_for_budget(self.deadline - time.perf_counter(), step_s=step_s,
+                                eval_s=self.slower() * self.sizing["eval_s"], ckpt_s=self.sizing["checkpoint_s"],
                                 **self.intervals)
         return pace.replan(done, max(0, left))
 

@@ -101,8 +101,10 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     b, h, n, d = q.shape
     q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
-    scores = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=scale)
-    return torch.bmm(dropout(scores.softmax(dim=-1)), v).view(b, h, n, d)
+    scores = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=scale)  # (B*heads, N, N)
+    # Without autograd the weights overwrite the scores: one (B*heads, N, N) buffer fewer at the peak.
+    weights = scores.softmax(dim=-1) if scores.requires_grad else torch.softmax(scores, -1, out=scores)
+    return torch.bmm(dropout(weights), v).view(b, h, n, d)
 
 
 class Attention(nn.Module):
