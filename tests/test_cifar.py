@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vitlab
 from vitlab.config import ViTConfig
 from vitlab.data import DataConfig
-from vitlab.interop.convert import export_model
+from vitlab.interop import export_model, export_onnx
 from vitlab.models.vit import VisionTransformer
 from vitlab.models.vit import drop_patches as vitlab_drop
 from vitlab.recipes import RECIPES
@@ -117,3 +117,6 @@ def test_conv_stem_cuts_the_same_grid_counts_its_flops_and_is_not_exported(tmp_p
         ViTConfig(patch_size=8, conv_stem=(8, 16))
     with pytest.raises(ValueError, match="convolutional stem"):
         export_model(model, tmp_path / "m.npz")
+    assert export_onnx(model, tmp_path / "m.onnx", dynamic_batch=True) < 1e-4  # ONNX holds it
+    with pytest.raises(ValueError, match="without --dynamic-size"):
+        export_onnx(model, tmp_path / "m2.onnx", dynamic_size=True)

@@ -175,22 +175,17 @@ def _build(variant: str, case: Case, inputs: Inputs) -> Step:
     dtype = DTYPES[case.dtype]
     if option == "autocast":
         return inference_step(model.eval(), inputs.images, autocast=True)
-    if lib == "vitlab":
-        return inference_step(optimize(model, dtype, compile=option == "compiled"), inputs.images.to(dtype))
-    model = model.to(dtype).eval()
+    model = optimize(model, dtype) if lib == "vitlab" else model.to(dtype).eval()
     if option == "torch.compile":
         model = torch.compile(model)
-    elif option == "torch.compile freezing":  # what vitlab's compile=True does, for a like-for-like row
-        model = torch.compile(model, options={"freezing": True})
     return inference_step(model, inputs.images.to(dtype))
 
 
 def variants(case: Case, *, compile: bool = True) -> list[str]:
-    """vitlab first (eager, then ``optimize(compile=True)`` for inference), then the peers that apply."""
-    inference = not case.train
-    names = ["vitlab", *(["vitlab compiled"] if compile and inference else []), "timm", "timm TIMM_FUSED_ATTN=0"]
+    """vitlab first, then the peers that apply to ``case``."""
+    names = ["vitlab", "timm", "timm TIMM_FUSED_ATTN=0"]
     if compile:
-        names += ["timm torch.compile", *(["timm torch.compile freezing"] if inference else [])]
+        names.append("timm torch.compile")
     if case.dtype == "bf16" and not case.train:
         names.append("timm autocast")
     return names + ["HF sdpa", "HF eager"]

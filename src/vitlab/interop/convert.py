@@ -162,7 +162,7 @@ def export_model(model: nn.Module, dst: str | os.PathLike, fmt: str | None = Non
                          + f"; this model is a {type(cfg).__name__} (export a BiT model as bit .npz or timm)")
     if getattr(cfg, "conv_stem", ()):
         raise ValueError(f"no {fmt} model has vitlab's convolutional stem (conv_stem={cfg.conv_stem}); keep this "
-                         f"model as vitlab .safetensors or export it to ONNX")
+                         f"model as vitlab .safetensors or export it to ONNX (a fixed image size)")
     if fmt == "hf" and isinstance(cfg, HybridConfig):
         raise ValueError("vitlab writes Hugging Face folders for plain ViTs only; export the hybrid to official "
                          ".npz or timm")

@@ -62,6 +62,9 @@ def export_onnx(model: VisionTransformer, path: str | os.PathLike, *, dynamic_ba
     if dynamic_batch:
         dims[0] = torch.export.Dim("batch", min=1, max=4096)
     if dynamic_size:
+        if getattr(cfg, "conv_stem", ()):
+            raise ValueError(f"a dynamic-size ONNX graph of a model with conv_stem={cfg.conv_stem} is not supported "
+                             f"(torch.export fixes the stem's sizes); export it without --dynamic-size")
         p = cfg.patch_size
         dims[2] = p * torch.export.Dim("grid_h", min=1, max=4096 // p)
         dims[3] = p * torch.export.Dim("grid_w", min=1, max=4096 // p)
