@@ -120,6 +120,32 @@ def test_optimize_casts_once_and_matches_fp32():
         vitlab.optimize(model, torch.int8)
 
 
+def test_fused_inference_kernels_match_eager_bf16(monkeypatch):
+    from vitlab.models import vit
+
+    fusable = vit.fusable
+    torch.manual_seed(0)
+    model = tiny(depth=3)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.eval().forward_features(x)
+    vitlab.optimize(model, torch.bfloat16)
+    calls = []
+    real = vit.fused_linear
+    monkeypatch.setattr(vit, "fused_linear", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fused = model.forward_features(x)
+    assert len(calls) == 3 * 3  # per block: attention output + residual, fc1 + GELU, fc2 + residual
+    monkeypatch.setattr(vit, "fusable", lambda *a: False)
+    eager = model.forward_features(x)
+    rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
+    assert rel(fused) < 2e-2 and rel(fused) <= 1.5 * rel(eager)  # one rounding per kernel, not two or three
+    # fp32, training and autograd keep the eager ops
+    w = model.head.weight
+    assert fusable(torch.ones(2, 2, dtype=torch.bfloat16), w) and not fusable(torch.ones(2, 2), w.float())
+    with torch.enable_grad():
+        assert not fusable(torch.ones(2, 2, dtype=torch.bfloat16, requires_grad=True), w)
+
+
 def test_optimize_keeps_inspection_path():
     model = vitlab.optimize(tiny(), torch.bfloat16)
     x = model.embed(torch.randn(2, 3, 32, 32))

@@ -107,6 +107,23 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return torch.bmm(dropout(weights), v).view(b, h, n, d)
 
 
+def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`fused_linear` applies: bf16 inference on CPU (no autograd, no autocast), ``x``
+    in the weights' dtype. (fp32 keeps the eager ops: not measured fused.)"""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available())
+
+
+def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: str | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu(layer(x))`` or ``residual + layer(x)`` as one oneDNN kernel: bias, activation and add
+    applied to the fp32 accumulator, rounded once. Inference only (no backward); see :func:`fusable`."""
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], gelu)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: fused (the fastest kernel for the input), or an explicit softmax.
 
@@ -135,7 +152,9 @@ class Attention(nn.Module):
         q, k, _ = self._qkv(x)
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with ``residual`` (CPU inference, :func:`fusable`) returns
+        ``residual + attention(x)``, the add fused into the output projection."""
         b, n, d = x.shape
         q, k, v = self._qkv(x)
         if not self.fused:
@@ -144,7 +163,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             out = matmul_attention(q, k, v, self.scale, self.attn_drop)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        out = out.transpose(1, 2).reshape(b, n, d)
+        return self.proj(out) if residual is None else fused_linear(out, self.proj, residual=residual)
 
 
 class Mlp(nn.Module):
@@ -157,8 +177,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with ``residual`` (CPU inference, :func:`fusable`) returns
+        ``residual + mlp(x)``, bias+GELU and the add fused into the matmuls."""
+        if residual is None:
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return fused_linear(fused_linear(x, self.fc1, gelu=self.act.approximate), self.fc2, residual=residual)
 
 
 class DropPath(nn.Module):
@@ -188,6 +212,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fusable(x, self.mlp.fc1.weight) and not self.training:  # dropouts are identities
+            x = self.attn(self.norm1(x), residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.drop(self.attn(self.norm1(x))))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
