@@ -232,19 +232,23 @@ def _proc_status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def measure_memory(case: Case, variant: str, threads: int) -> int:
-    """Peak RSS in bytes of ``variant`` running ``case``, measured in a fresh subprocess.
+def measure_memory(case: Case, variant: str, threads: int, repeats: int = 3) -> int:
+    """Peak RSS in bytes of ``variant`` running ``case``: the median of ``repeats`` fresh subprocesses.
 
     The peak is reset after the model is built and warmed up, so it covers the steady state:
     weights, activations (and gradients and optimizer state for a training step), and the
-    libraries' own memory, not the fp32 weights a model is built with before a cast.
+    libraries' own memory, not the fp32 weights a model is built with before a cast. One
+    process varies by tens of MiB from the next (the allocator), hence the median.
     """
     arg = json.dumps({"case": dataclasses.asdict(case), "variant": variant, "threads": threads})
-    out = subprocess.run([sys.executable, "-m", "vitlab.bench", "--memory-probe", arg],
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"memory probe for {variant!r} on {case.name} failed:\n{out.stderr[-2000:]}")
-    return int(out.stdout.strip().splitlines()[-1])
+    peaks = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-m", "vitlab.bench", "--memory-probe", arg],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"memory probe for {variant!r} on {case.name} failed:\n{out.stderr[-2000:]}")
+        peaks.append(int(out.stdout.strip().splitlines()[-1]))
+    return int(statistics.median(peaks))
 
 
 def _memory_probe(arg: str) -> int:
