@@ -13,6 +13,7 @@ import time
 import torch
 
 import vitlab
+from vitlab.bench import steady_peak_rss
 from vitlab.models import vit
 
 torch.set_num_threads(2)
@@ -49,11 +50,7 @@ def peak_rss(mode: str) -> None:
     model = vitlab.optimize(vitlab.create_model("vit_s16"), torch.bfloat16)
     x = torch.randn(32, 3, 224, 224)
     with torch.inference_mode():
-        model(x)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        model(x)
-    print(next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")) // 1024)
+        print(steady_peak_rss(lambda: model(x)) // 2**20)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,10 @@ def test_fused_inference_kernels_match_eager_bf16(monkeypatch):
     rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
     assert rel(fused) < 2e-2 and rel(fused) <= 1.5 * rel(eager)  # one rounding per kernel, not two or three
     # fp32, training and autograd keep the eager ops
+    monkeypatch.setattr(vit, "fusable", fusable)
+    calls.clear()
+    model.train().forward_features(x)
+    assert not calls
     w = model.head.weight
     assert fusable(torch.ones(2, 2, dtype=torch.bfloat16), w) and not fusable(torch.ones(2, 2), w.float())
     with torch.enable_grad():

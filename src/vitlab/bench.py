@@ -260,7 +260,11 @@ def _memory_probe(arg: str) -> int:
             pass
     torch.set_num_threads(spec["threads"])
     case = Case(**spec["case"])
-    step = _build(spec["variant"], case, make_inputs(case))
+    return steady_peak_rss(_build(spec["variant"], case, make_inputs(case)))
+
+
+def steady_peak_rss(step: Step) -> int:
+    """Peak RSS in bytes of this process during ``step()``, run once to warm up first (Linux)."""
     step()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
