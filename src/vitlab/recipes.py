@@ -65,7 +65,8 @@ RECIPES: dict[str, Recipe] = {
     #   (RandAugment, Mixup/CutMix, stochastic depth) is off; pad-crop + flip and label
     #   smoothing 0.1 stay. (Past ~30 epochs it overfits: at 120 minutes, 60 epochs, the train loss
     #   fell below the test loss and the test top-1 gained +1.1 over 60 minutes; notes section 7.)
-    # - AdamW lr 1e-3 at batch 128 (omihub777/ViT-CIFAR's setting), wd 0.05, 5% warm-up, cosine to 0; batch 128 gives 4x the updates of 512 for the same images.
+    # - AdamW lr 1e-3 at batch 128 (omihub777/ViT-CIFAR's setting), wd 0.05, 5% warm-up, cosine to
+    #   0; batch 128 gives 4x the updates of 512 for the same images.
     # - A convolutional stem cuts the 4 x 4 patches (Xiao et al. 2021; the paper's hybrid in small:
     #   tokens from a CNN feature map): 3x3 stride-2 convolutions with 48 and 96 channels, BatchNorm,
     #   ReLU, then a 1x1 projection to 192. +0.05M parameters, +3% FLOPs. Measured (notes, runs A/B,
