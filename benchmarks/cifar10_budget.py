@@ -68,6 +68,13 @@ def current(points: list[dict]) -> list[dict]:
     return [p for p in points if p.get("recipe_version") == recipe_version(p["recipe"])]
 
 
+def previous(points: list[dict]) -> list[dict]:
+    """The points of each recipe's last earlier version (the one most recently measured before it changed)."""
+    old = [p for p in points if p not in current(points)]
+    last = {p["recipe"]: p["recipe_version"] for p in sorted(old, key=lambda p: p["date"])}
+    return [p for p in old if last[p["recipe"]] == p["recipe_version"]]
+
+
 class LoadSampler(threading.Thread):
     """Samples the 1-minute load average every ``every`` seconds while a run goes on."""
 
@@ -126,22 +133,26 @@ def save_store(points: list[dict]) -> None:
     STORE.write_text(json.dumps(points, indent=1) + "\n")
 
 
-def plot(points: list[dict], path: Path) -> None:
-    """Test top-1 against wall time: one line per recipe, mean and std over seeds."""
+def plot(points: list[dict], path: Path, earlier: list[dict] = ()) -> None:
+    """Test top-1 against wall time: one line per recipe, mean and std over seeds (``earlier``: dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for recipe, marker in (("cifar10", "o"), ("cifar10_baseline", "s")):
-        rows = sorted(group(points, recipe).items())
+    lines = [(recipe, marker, pts, label, style) for pts, label, style in ((points, "{}", "-"),
+                                                                           (earlier, "{} (earlier recipe)", "--"))
+             for recipe, marker in (("cifar10", "o"), ("cifar10_baseline", "s"))]
+    for recipe, marker, pts, label, style in lines:
+        rows = sorted(group(pts, recipe).items())
         if not rows:
             continue
         xs = [statistics.mean(p["wall_s"] for p in ps) / 60 for _, ps in rows]
         ys = [100 * statistics.mean(p["test_top1"] for p in ps) for _, ps in rows]
         es = [100 * statistics.stdev(p["test_top1"] for p in ps) if len(ps) > 1 else 0.0 for _, ps in rows]
-        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=recipe)
+        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, linestyle=style, label=label.format(recipe),
+                    alpha=1.0 if style == "-" else 0.5)
     for target, minutes in ((80, 30), (85, 60), (90, 120)):
         ax.plot([minutes], [target], marker="*", color="grey", linestyle="none")
     ax.plot([], [], marker="*", color="grey", linestyle="none", label="issue 8 targets")
@@ -173,12 +184,14 @@ def section(stored: list[dict]) -> str:
              "alone; more means other jobs shared the cores and the budget bought fewer steps.", "",
              "| recipe | budget | seeds | test top-1 (mean ± std) | wall time | steps (epochs) | precision | load avg mean/max |",
              "|---|---|---|---|---|---|---|---|"]
-    for recipe in ("cifar10", "cifar10_baseline"):
-        for minutes, ps in sorted(group(points, recipe).items()):
+    rows = [(recipe, pts, label) for pts, label in ((points, "`{}`"), (previous(stored), "`{}`, *earlier recipe*"))
+            for recipe in ("cifar10", "cifar10_baseline")]
+    for recipe, pts, label in rows:
+        for minutes, ps in sorted(group(pts, recipe).items()):
             accs = [100 * p["test_top1"] for p in ps]
             std = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
             lines.append(
-                f"| `{recipe}` | {minutes:g} min | {', '.join(str(p['seed']) for p in ps)} | "
+                f"| {label.format(recipe)} | {minutes:g} min | {', '.join(str(p['seed']) for p in ps)} | "
                 f"{statistics.mean(accs):.2f}%{std} | {statistics.mean(p['wall_s'] for p in ps) / 60:.1f} min | "
                 f"{round(statistics.mean(p['steps'] for p in ps))} ({statistics.mean(p['epochs'] for p in ps):.2f}) | "
                 f"{', '.join(sorted({p.get('precision', '?') for p in ps}))} | "
@@ -189,7 +202,8 @@ def section(stored: list[dict]) -> str:
         lines += ["Not measured yet (issue 8's protocol); on a quiet machine, run:", ""]
         lines += [f"    python benchmarks/cifar10_budget.py {args}" for args in todo] + [""]
     lines += ["Commands, machines and versions (points marked *earlier recipe* ran an older version of the "
-              "recipe and are left out of the table and plot; `benchmarks/cifar10_notes.md` says what changed):", ""]
+              "recipe; the table and plot (dashed) show the last earlier version beside the current one; "
+              "`benchmarks/cifar10_notes.md` says what changed):", ""]
     for p in stored:
         old = "" if p in points else "*earlier recipe* "
         lines.append(f"- {old}{p['date']}, {p['cpu']} ({p['cores']} cores), torch {p['torch']}, python {p['python']}, "
@@ -218,7 +232,7 @@ def write_results(points: list[dict]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + new + "\n"
     RESULTS.write_text(text)
-    plot(current(points), PNG)
+    plot(current(points), PNG, previous(points))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab
@@ -113,8 +114,13 @@ def test_conv_stem_cuts_the_same_grid_counts_its_flops_and_is_not_exported(tmp_p
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(3, 3, 32, 32))
     assert counter.get_total_flops() == 3 * vitlab.count_flops(model)
-    with pytest.raises(ValueError, match="patch_size must be 4"):
+    with pytest.raises(ValueError, match="power of two at most 4, got 8"):
         ViTConfig(patch_size=8, conv_stem=(8, 16))
+    deeper = tiny_vit(conv_stem=(8, 16, 16), pool="gap", class_token=False, fused_attention=False).eval()
+    assert [m.stride for m in deeper.patch_embed.stem if isinstance(m, nn.Conv2d)] == [(2, 2), (2, 2), (1, 1)]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # the stride-1 conv: at the 8 x 8 grid
+        deeper(torch.randn(1, 3, 32, 32))
+    assert counter.get_total_flops() == vitlab.count_flops(deeper) > vitlab.count_flops(model)
     with pytest.raises(ValueError, match="convolutional stem"):
         export_model(model, tmp_path / "m.npz")
     assert export_onnx(model, tmp_path / "m.onnx", dynamic_batch=True) < 1e-4  # ONNX holds it

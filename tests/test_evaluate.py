@@ -48,6 +48,25 @@ def test_top5_with_many_classes():
     assert r.top1 == 0.25 and r.top5 == 0.5
 
 
+class LeftVsRight(nn.Module):
+    """Logits (left-half mean, right-half mean): mirroring an image swaps them."""
+
+    def forward(self, x):
+        w = x.shape[-1] // 2
+        return torch.stack([x[..., :w].mean((1, 2, 3)), x[..., w:].mean((1, 2, 3))], 1)
+
+
+def test_flip_tta_averages_each_image_with_its_mirror():
+    x = torch.zeros(2, 3, 4, 4)
+    x[0, :, :, :2] = 3.0  # bright left: logits (3, 0); mirrored (0, 3); averaged (1.5, 1.5)
+    x[1, :, :, 2:] = 1.0  # bright right: (0, 1); averaged (0.5, 0.5)
+    labels = torch.tensor([0, 1])
+    plain = evaluate(LeftVsRight(), [(x, labels)], class_names=["left", "right"])
+    tta = evaluate(LeftVsRight(), [(x, labels)], class_names=["left", "right"], flip_tta=True)
+    assert plain.top1 == 1.0 and plain.loss < tta.loss
+    assert tta.loss == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)  # equal logits: ln 2
+
+
 def test_confusion_png(tmp_path):
     path = plot_confusion(torch.tensor([[5, 1], [0, 4]]), ["cat", "dog"], tmp_path / "c.png")
     assert path.read_bytes()[:4] == b"\x89PNG"

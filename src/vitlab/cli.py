@@ -140,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     result, split = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split,
                                         batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                        progress=not args.json, log=log)
+                                        progress=not args.json, flip_tta=args.flip_tta, log=log)
     target = Path(args.checkpoint)
     folder = target if target.is_dir() else target.parent
     png = plot_confusion(result.confusion, result.class_names, folder / f"confusion_{split}.png",
@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="average the logits of each image and its mirror image (test-time augmentation)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_eval)
 

@@ -42,9 +42,10 @@ class ViTConfig:
     drop_path: float = 0.0  # stochastic depth, rate rising linearly to this value
     patch_dropout: float = 0.0  # training only: drop this fraction of patch tokens per image (PatchDropout)
     # A convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"),
-    # a small-image form of the paper's hybrid (tokens from a CNN feature map): 3x3 stride-2
-    # convolutions (BatchNorm, ReLU) with these output channels, then a 1x1 projection to D.
-    conv_stem: tuple[int, ...] = ()  # conv stem channels (patch_size = 2 ** their number); (): linear patches
+    # a small-image form of the paper's hybrid (tokens from a CNN feature map): 3x3 convolutions
+    # (BatchNorm, ReLU) with these output channels, then a 1x1 projection to D. The first log2(P)
+    # have stride 2 and cut the P x P patches; any after them have stride 1 (at the token grid).
+    conv_stem: tuple[int, ...] = ()  # conv stem channels (>= log2(patch_size) of them); (): linear patches
     head_dropout: float = 0.0
     gelu: Gelu = "exact"  # the official JAX code uses "tanh"
     qkv_bias: bool = True
@@ -71,9 +72,10 @@ class ViTConfig:
             raise ValueError(f"pool must be 'token' or 'gap', got {self.pool!r}")
         if self.pool == "token" and not self.class_token:
             raise ValueError("pool='token' needs class_token=True; use pool='gap' without it")
-        if self.conv_stem and 2 ** len(self.conv_stem) != self.patch_size:
-            raise ValueError(f"conv_stem {self.conv_stem} has {len(self.conv_stem)} stride-2 convolutions, so "
-                             f"patch_size must be {2 ** len(self.conv_stem)}, got {self.patch_size}")
+        if self.conv_stem and not (self.patch_size & (self.patch_size - 1) == 0
+                                   and 2 ** len(self.conv_stem) >= self.patch_size):
+            raise ValueError(f"conv_stem {self.conv_stem} cuts patches with stride-2 convolutions: patch_size "
+                             f"must be a power of two at most {2 ** len(self.conv_stem)}, got {self.patch_size}")
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
 

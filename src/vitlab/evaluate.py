@@ -46,10 +46,12 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | Any, *,
              class_names: list[str], device: str | torch.device = "cpu", precision: str = "fp32",
-             progress: bool = False, env: DistEnv | None = None) -> EvalResult:
+             progress: bool = False, env: DistEnv | None = None, flip_tta: bool = False) -> EvalResult:
     """Run ``model`` over labelled batches (a ``Loader`` or any iterable of (images, int64 labels)).
 
     The model is put in eval mode and left there. ``precision="bf16"`` evaluates under autocast.
+    ``flip_tta``: test-time augmentation, the logits of each image and its mirror image averaged
+    (two forward passes; for models trained with horizontal flips).
     With ``env``, every process passes its own share (a Loader built with its rank) and all
     get the totals over all shares.
     """
@@ -68,6 +70,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             raise ValueError(f"evaluation needs class-index labels (B,), got shape {tuple(y.shape)}")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x).float()  # (B, classes)
+            if flip_tta:
+                logits = (logits + model(x.flip(-1)).float()) / 2
         if logits.shape[1] != k:
             raise ValueError(f"the model predicts {logits.shape[1]} classes but the data has {k}")
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -86,7 +90,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = None, split: str | None = None,
                         batch_size: int = 256, device: str = "auto", precision: str = "fp32",
-                        progress: bool = False, log: Callable[[str], None] = print) -> tuple[EvalResult, str]:
+                        progress: bool = False, flip_tta: bool = False,
+                        log: Callable[[str], None] = print) -> tuple[EvalResult, str]:
     """Evaluate a model file or run directory on a split of ``data``; returns (result, split used).
 
     For a run directory, ``data`` defaults to the run's data and the run's ``val_split`` and
@@ -119,5 +124,5 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
     loader = Loader(available[split], data_cfg, batch_size=batch_size, train=False,
                     num_classes=splits.num_classes, log=log)
     result = evaluate(loaded.model, loader, class_names=splits.class_names, device=dev, precision=precision,
-                      progress=progress)
+                      progress=progress, flip_tta=flip_tta)
     return result, split

@@ -9,7 +9,7 @@ from torch import nn
 from .config import BiTConfig, HybridConfig, ViTConfig, as_pair
 from .models.hybrid import HybridViT
 from .models.resnet import ResNetV2
-from .models.vit import VisionTransformer
+from .models.vit import VisionTransformer, stem_strides
 
 
 def _encoder_flops(cfg: ViTConfig, n: int) -> int:
@@ -29,8 +29,8 @@ def vit_flops(cfg: ViTConfig, image_size: int | tuple[int, int] | None = None) -
     if not cfg.conv_stem:
         return 2 * n * cfg.in_channels * cfg.patch_size**2 * cfg.width + _encoder_flops(cfg, n)
     stem, cin = 0, cfg.in_channels
-    for cout in cfg.conv_stem:  # 3x3, stride 2, padding 1
-        flops, h, w = _conv(h, w, cin, cout, 3, 2, same=False)
+    for stride, cout in zip(stem_strides(cfg), cfg.conv_stem):  # 3x3, padding 1
+        flops, h, w = _conv(h, w, cin, cout, 3, stride, same=False)
         stem, cin = stem + flops, cout
     return stem + 2 * n * cin * cfg.width + _encoder_flops(cfg, n)
 

@@ -87,6 +87,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations; 0: once per epoch (always at the end)
     checkpoint_every: int = 0  # steps between checkpoints; 0: with each evaluation (always at the end)
     eval_batch_size: int = 256
+    flip_tta: bool = False  # evaluations average the logits of each image and its mirror image
     seed: int = 0  # initialisation, dropout, data order, augmentation and split
     device: str = "auto"  # "auto": cuda if available, else cpu
     threads: int = 0  # torch CPU threads; 0: torch's default
@@ -540,7 +541,7 @@ def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loade
                     batch_times.append(time.perf_counter() - start)
                     if len(batch_times) == 2:
                         break
-            eval_s = batch_times[-1] * len(eval_loader)
+            eval_s = batch_times[-1] * len(eval_loader) * (2 if cfg.flip_tta else 1)  # flip: two passes
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         save_checkpoint(Path(tmp), TrainState(probe, optimizer), probe, steps_per_epoch=1, config={},
@@ -758,7 +759,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
                 if eval_loader is not None and (every(done, cfg.eval_every) or done == pace.total):
                     result = evaluate(eval_model, eval_loader, device=device, precision=cfg.precision,
-                                      class_names=data.class_names, env=env)
+                                      class_names=data.class_names, env=env, flip_tta=cfg.flip_tta)
                     last_eval = {"step": done, "eval_split": eval_split, "eval_loss": result.loss,
                                  "eval_top1": result.top1, "eval_top5": result.top5}
                     if is_main:

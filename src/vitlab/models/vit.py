@@ -58,8 +58,8 @@ def zero_head(num_features: int, num_classes: int, like: torch.Tensor | None = N
 class PatchEmbed(nn.Module):
     """Flatten P x P patches and project them linearly (a strided conv is the same map).
 
-    With ``cfg.conv_stem`` 3x3 stride-2 convolutions (BatchNorm, ReLU) cut the patches and the
-    projection is 1x1 (Xiao et al. 2021).
+    With ``cfg.conv_stem`` 3x3 convolutions (BatchNorm, ReLU) cut the patches (stride 2 until
+    the grid is reached, then stride 1) and the projection is 1x1 (Xiao et al. 2021).
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -67,8 +67,8 @@ class PatchEmbed(nn.Module):
         self.patch_size = p = cfg.patch_size
         self.in_channels = cin = cfg.in_channels
         layers: list[nn.Module] = []
-        for channels in cfg.conv_stem:  # each halves H and W
-            layers += [nn.Conv2d(cin, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels),
+        for stride, channels in zip(stem_strides(cfg), cfg.conv_stem):  # stride 2 halves H and W
+            layers += [nn.Conv2d(cin, channels, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(channels),
                        nn.ReLU(inplace=True)]
             cin = channels
         self.stem = nn.Sequential(*layers)  # empty: the identity
@@ -82,6 +82,12 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.grid(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+def stem_strides(cfg: ViTConfig) -> list[int]:
+    """Strides of the conv stem: 2 for the first log2(patch_size) convolutions, then 1."""
+    halvings = cfg.patch_size.bit_length() - 1
+    return [2 if i < halvings else 1 for i in range(len(cfg.conv_stem))]
 
 
 def sdpa_is_faster(x: torch.Tensor) -> bool:
