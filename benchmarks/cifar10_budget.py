@@ -7,7 +7,7 @@ end, on the official 10,000-image test set (`--eval-every 1000000` turns off mid
 evaluation; the loop always evaluates after its last step). The test set is never used to make
 a choice: the recipes were tuned on `--val-split 0.1` (benchmarks/cifar10_notes.md).
 
-Results accumulate in benchmarks/cifar10_budget.json (keyed by recipe, budget and seed), so
+Results accumulate in benchmarks/cifar10_budget.json (keyed by recipe, its version, budget and seed), so
 budgets can be run in separate sessions; each point records a hash of its recipe's config, and
 the table and plot show only points of the recipes as they are now (older ones are listed); each run rewrites the `cifar10_budget` section of
 benchmarks/RESULTS.md (table of every stored point, mean and std over seeds) and
@@ -54,12 +54,19 @@ def machine() -> dict[str, str]:
 
 
 def recipe_version(name: str) -> str:
-    """A short hash of the recipe's config: points of an older version of a recipe are not mixed in."""
+    """A short hash of what the recipe sets (its config's differences from TrainConfig's defaults):
+    points of an older version of a recipe are not mixed in; a new config field with a default is
+    not a new version."""
     sys.path.insert(0, str(ROOT / "src"))
     from vitlab.config import to_dict
     from vitlab.recipes import RECIPES
+    from vitlab.train import TrainConfig
 
-    text = json.dumps(to_dict(RECIPES[name].config), sort_keys=True, default=str)
+    def changes(cfg: dict, default: dict) -> dict:
+        return {k: changes(v, default[k]) if isinstance(v, dict) and isinstance(default.get(k), dict) and v
+                else v for k, v in cfg.items() if v != default.get(k)}
+
+    text = json.dumps(changes(to_dict(RECIPES[name].config), to_dict(TrainConfig())), sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
@@ -258,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             point = run_point(recipe, minutes, seed, args.data, args.runs, args.extra)
             print(f"{recipe} {minutes:g} min seed {seed}: test top-1 {100 * point['test_top1']:.2f}% "
                   f"in {point['wall_s'] / 60:.1f} min (load {point['load_mean']})", flush=True)
-            points = [q for q in points if (q["recipe"], q["budget_min"], q["seed"]) != (recipe, minutes, seed)]
+            key = (recipe, point["recipe_version"], minutes, seed)  # a point of an earlier version is kept
+            points = [q for q in points if (q["recipe"], q["recipe_version"], q["budget_min"], q["seed"]) != key]
             points.append(point)
             save_store(points)
             write_results(points)  # after every point: a stopped session keeps what it measured

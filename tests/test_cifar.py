@@ -1,5 +1,8 @@
 """Progressive resizing (train loop) and dynamic image size (ViT): the knobs of the cifar10 recipe."""
+import importlib.util
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +129,35 @@ def test_conv_stem_cuts_the_same_grid_counts_its_flops_and_is_not_exported(tmp_p
     assert export_onnx(model, tmp_path / "m.onnx", dynamic_batch=True) < 1e-4  # ONNX holds it
     with pytest.raises(ValueError, match="without --dynamic-size"):
         export_onnx(model, tmp_path / "m2.onnx", dynamic_size=True)
+
+
+def load_budget_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_budget.py"
+    spec = importlib.util.spec_from_file_location("cifar10_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_budget_table_versions_recipes_by_what_they_set(monkeypatch):
+    budget = load_budget_script()
+    version = budget.recipe_version("cifar10")
+    cfg = RECIPES["cifar10"].config
+    monkeypatch.setitem(RECIPES, "cifar10", replace(RECIPES["cifar10"], config=replace(cfg, eval_batch_size=256)))
+    assert budget.recipe_version("cifar10") == version  # setting a default (or a new field's) is no change
+    monkeypatch.setitem(RECIPES, "cifar10", replace(RECIPES["cifar10"], config=replace(cfg, label_smoothing=0.2)))
+    changed = budget.recipe_version("cifar10")
+    assert changed != version
+
+    def point(v, minutes, top1, date):
+        return {"recipe": "cifar10", "recipe_version": v, "budget_min": minutes, "seed": 0, "test_top1": top1,
+                "test_top5": 0.9, "wall_s": 60.0 * minutes, "steps": 10, "epochs": 1.0, "precision": "bf16",
+                "load_mean": 2.0, "load_max": 2.1, "date": date, "cpu": "cpu", "cores": "2", "torch": "t",
+                "python": "p", "git": "g", "command": f"vitlab train ... {minutes}m"}
+
+    points = [point("oldest", 10, 0.3, "2026-01-01"), point(version, 30, 0.7, "2026-01-02"),
+              point(version, 60, 0.75, "2026-01-03"), point(changed, 30, 0.8, "2026-01-04")]
+    assert budget.previous(points) == points[1:3]  # the last earlier version only
+    rows = [ln for ln in budget.section(points).splitlines() if ln.startswith("| `")]
+    assert rows == [r for r in rows if "80.00%" in r or "earlier" in r] and len(rows) == 3
+    assert "| `cifar10`, *earlier recipe* | 60 min |" in rows[2]
