@@ -8,8 +8,9 @@ evaluation; the loop always evaluates after its last step). The test set is neve
 a choice: the recipes were tuned on `--val-split 0.1` (benchmarks/cifar10_notes.md).
 
 Results accumulate in benchmarks/cifar10_budget.json (keyed by recipe, its version, budget and seed), so
-budgets can be run in separate sessions; each point records a hash of its recipe's config, and
-the table and plot show only points of the recipes as they are now (older ones are listed); each run rewrites the `cifar10_budget` section of
+budgets can be run in separate sessions; each point records a hash of what its recipe sets, and
+the table and plot show the points of the recipes as they are now beside those of each recipe's
+last earlier version (older ones are listed); each run rewrites the `cifar10_budget` section of
 benchmarks/RESULTS.md (table of every stored point, mean and std over seeds) and
 benchmarks/cifar10_budget.png.
 
