@@ -1,8 +1,6 @@
 """Progressive resizing (train loop) and dynamic image size (ViT): the knobs of the cifar10 recipe."""
-import importlib.util
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from vitlab.models.vit import drop_patches as vitlab_drop
 from vitlab.recipes import RECIPES
 from vitlab.train import TrainConfig, image_size_at, read_metrics, size_fractions, train
 
-from helpers import write_cifar
+from helpers import load_benchmark, write_cifar
 from test_train import TINY
 
 
@@ -131,16 +129,8 @@ def test_conv_stem_cuts_the_same_grid_counts_its_flops_and_is_not_exported(tmp_p
         export_onnx(model, tmp_path / "m2.onnx", dynamic_size=True)
 
 
-def load_budget_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_budget.py"
-    spec = importlib.util.spec_from_file_location("cifar10_budget", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_budget_table_versions_recipes_by_what_they_set(monkeypatch):
-    budget = load_budget_script()
+    budget = load_benchmark("cifar10_budget")
     version = budget.recipe_version("cifar10")
     cfg = RECIPES["cifar10"].config
     monkeypatch.setitem(RECIPES, "cifar10", replace(RECIPES["cifar10"], config=replace(cfg, eval_batch_size=256)))

@@ -1,8 +1,6 @@
 """BiT and hybrids through the ViT's commands (train, eval, predict, inspect), the 32-px presets,
 and a smoke run of benchmarks/compare.py on tiny data."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +12,8 @@ from vitlab.cli import main
 from vitlab.recipes import recipe
 from vitlab.train import override, read_metrics
 
-from helpers import write_cifar
+from helpers import load_benchmark, write_cifar
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_BIT = ["--model", "bit_r26x1_32px", "--layers", "1", "1", "--stem-width", "8", "--num-groups", "4"]
 TINY_HYBRID = ["--model", "r8_vit_mu4_32px", "--resnet-layers", "1", "--resnet-width", "8", "--num-groups", "4",
                "--width", "32", "--depth", "2", "--mlp-dim", "64", "--num-heads", "2"]
@@ -122,15 +119,8 @@ def test_32px_presets():
         vitlab.create_model("bit_r26x1_32px", stem_stride=0)
 
 
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare_benchmark", ROOT / "benchmarks" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compare_benchmark_smoke(cifar, tmp_path):
-    compare = load_compare()
+    compare = load_benchmark("compare")
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Another benchmark\n\nkept\n")
     args = ["--data", str(cifar), "--models", "vit_mu8_32px", "--budgets", "16", "32", "--train-images", "40",
