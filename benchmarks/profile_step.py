@@ -12,8 +12,10 @@ from torch.profiler import ProfilerActivity, profile
 from vitlab import bench
 
 KINDS = {  # aten op -> kind; the rest is "other"
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
-               "aten::convolution_backward"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "convolution": ("aten::mkldnn_convolution", "aten::convolution_backward"),
+    "batch norm, ReLU": ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::_batch_norm_with_update",
+                   "aten::batch_norm_backward", "aten::threshold_backward", "aten::relu_"),
     "flash attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                         "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
     "softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
@@ -38,23 +40,28 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     case = bench.Case(model=args.model, batch=args.batch, dtype=args.dtype, train=args.train)
-    step = bench._build(args.variant, case, bench.make_inputs(case))
+    print(f"{args.variant}: {case.name}, {args.threads} threads")
+    by_kind(bench._build(args.variant, case, bench.make_inputs(case)), top=args.top)
+
+
+def by_kind(step, *, top: int = 12, indent: str = "  ") -> None:
+    """Profile one call of ``step`` (after 3 warm-up calls); print the aten self time by kind and the top ops."""
     for _ in range(3):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total = sum(e.self_cpu_time_total for e in events)
-    by_kind: dict[str, float] = defaultdict(float)
+    kinds: dict[str, float] = defaultdict(float)
     for e in events:
         kind = next((k for k, ops in KINDS.items() if e.key in ops), "other")
-        by_kind[kind] += e.self_cpu_time_total
-    print(f"{args.variant}: {case.name}, {args.threads} threads, {total / 1e3:.1f} ms of aten self time")
-    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:<30}{100 * t / total:6.1f}%")
-    print("top ops:")
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
-        print(f"  {e.key:<52}{100 * e.self_cpu_time_total / total:6.1f}%  x{e.count}")
+        kinds[kind] += e.self_cpu_time_total
+    print(f"{indent}{total / 1e3:.1f} ms of aten self time")
+    for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"{indent}{kind:<30}{100 * t / total:6.1f}%")
+    print(f"{indent}top ops:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"{indent}  {e.key:<52}{100 * e.self_cpu_time_total / total:6.1f}%  x{e.count}")
 
 
 if __name__ == "__main__":

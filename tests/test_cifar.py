@@ -129,6 +129,32 @@ def test_conv_stem_cuts_the_same_grid_counts_its_flops_and_is_not_exported(tmp_p
         export_onnx(model, tmp_path / "m2.onnx", dynamic_size=True)
 
 
+def test_conv_stem_channels_last_matches_nchw_forward_and_backward(monkeypatch):
+    from vitlab.models import vit
+
+    torch.manual_seed(0)
+    model = tiny_vit(conv_stem=(8, 16, 16), pool="gap", class_token=False).train()
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    model.patch_embed.stem[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+
+    def run(channels_last: bool, precision: str):
+        monkeypatch.setattr(vit, "STEM_CHANNELS_LAST", channels_last)
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x)
+        out.float().square().sum().backward()
+        return out.float(), [p.grad.clone() for p in model.parameters()]
+
+    for precision, tol in (("fp32", 1e-4), ("bf16", 3e-2)):
+        ref, ref_grads = run(False, precision)
+        out, grads = run(True, precision)
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+        for g, r in zip(grads, ref_grads):
+            assert ((g - r).norm() / r.norm().clamp_min(1e-12)).item() < tol
+    assert seen == [True, False] * 2  # the stem really ran on NHWC images
+
+
 def test_budget_table_versions_recipes_by_what_they_set(monkeypatch):
     budget = load_benchmark("cifar10_budget")
     version = budget.recipe_version("cifar10")
