@@ -1,9 +1,14 @@
 """A/B: bf16 inference with and without `vitlab.models.vit.fused_linear`, interleaved, 2 threads.
 
-    python benchmarks/fused_inference.py            # median time per path and case, speed-up
+    python benchmarks/fused_inference.py            # eager vs fused: median time per path and case, speed-up
+    python benchmarks/fused_inference.py --qkv      # fused, with qkv through F.linear (addmm) vs fused
+    python benchmarks/fused_inference.py --prepack  # fused vs fused on prepacked (oneDNN-blocked) weights
     python benchmarks/fused_inference.py --memory   # peak RSS of ViT-S/16 batch 32, 4 processes per path
 
-The eager path is the same model with `fusable` switched off.
+The eager path is the same model with `fusable` switched off; "qkv eager" sends the qkv projection
+(the one fused call without GELU or residual) through `nn.Linear`; "prepacked" replaces the Linear
+weights of the blocks by `torch.ops.mkldnn._reorder_linear_weight` copies (an experiment: such a
+model has no state dict or eager path).
 """
 import statistics
 import subprocess
@@ -17,21 +22,34 @@ from vitlab.bench import steady_peak_rss
 from vitlab.models import vit
 
 torch.set_num_threads(2)
-FUSABLE = vit.fusable
+FUSABLE, FUSED_LINEAR = vit.fusable, vit.fused_linear
 
 
 def use(mode: str) -> None:
-    vit.fusable = FUSABLE if mode == "fused" else (lambda *a: False)
+    vit.fusable = (lambda *a: False) if mode == "eager" else FUSABLE
+    vit.fused_linear = (lambda x, layer, **k: FUSED_LINEAR(x, layer, **k) if k else layer(x)) \
+        if mode == "qkv eager" else FUSED_LINEAR
 
 
-def timing(name: str, batch: int, rounds: int = 7) -> None:
-    model = vitlab.optimize(vitlab.create_model(name), torch.bfloat16)
+def prepacked(model: torch.nn.Module, rows: int) -> torch.nn.Module:
+    """``model`` with its blocks' Linear weights reordered once for ``rows`` input rows."""
+    for block in model.blocks:
+        for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
+            del layer.weight
+            layer.weight = weight
+    return model
+
+
+def timing(name: str, batch: int, modes: tuple[str, str], rounds: int = 7) -> None:
+    build = lambda: vitlab.optimize(vitlab.create_model(name), torch.bfloat16)  # noqa: E731
+    models = {mode: prepacked(build(), batch * 197) if mode == "prepacked" else build() for mode in modes}
     x = torch.randn(batch, 3, 224, 224)
-    times: dict[str, list[float]] = {"eager": [], "fused": []}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     repeat = 3 if batch == 1 else 1
     with torch.inference_mode():
         for r in range(rounds + 1):  # round 0 warms up
-            for mode in times:
+            for mode, model in models.items():
                 use(mode)
                 start = time.perf_counter()
                 for _ in range(repeat):
@@ -39,8 +57,9 @@ def timing(name: str, batch: int, rounds: int = 7) -> None:
                 if r:
                     times[mode].append((time.perf_counter() - start) / repeat)
     use("fused")
-    e, f = statistics.median(times["eager"]), statistics.median(times["fused"])
-    print(f"{name} batch {batch}: eager {e * 1e3:.1f} ms, fused {f * 1e3:.1f} ms, speed-up {e / f:.3f}x", flush=True)
+    a, b = (statistics.median(times[mode]) for mode in modes)
+    print(f"{name} batch {batch}: {modes[0]} {a * 1e3:.1f} ms, {modes[1]} {b * 1e3:.1f} ms, "
+          f"speed-up {a / b:.3f}x", flush=True)
 
 
 def peak_rss(mode: str) -> None:
@@ -66,5 +85,7 @@ if __name__ == "__main__":
         for mode, values in rss.items():
             print(f"vit_s16 batch 32 peak RSS, {mode}: {values} MiB, median {statistics.median(values):.0f}")
     else:
+        modes = {"--qkv": ("qkv eager", "fused"), "--prepack": ("fused", "prepacked")}.get(
+            sys.argv[1] if sys.argv[1:] else "", ("eager", "fused"))
         for name, batch in [("vit_s16", 32), ("vit_s16", 1), ("vit_b16", 32), ("vit_b16", 1)]:
-            timing(name, batch)
+            timing(name, batch, modes)
