@@ -135,9 +135,7 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: str | None = None,
     ``addmm``). Inference only (no backward); see :func:`fusable`."""
     if residual is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
-    if gelu is None:
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], gelu)
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none", [], gelu or "")
 
 
 class Attention(nn.Module):
