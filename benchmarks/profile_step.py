@@ -14,8 +14,9 @@ from vitlab import bench
 KINDS = {  # aten op -> kind; the rest is "other"
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
     "convolution": ("aten::mkldnn_convolution", "aten::convolution_backward"),
-    "batch norm, ReLU": ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::_batch_norm_with_update",
-                   "aten::batch_norm_backward", "aten::threshold_backward", "aten::relu_"),
+    "batch norm, ReLU": ("aten::native_batch_norm", "aten::native_batch_norm_backward",
+                         "aten::_batch_norm_with_update", "aten::batch_norm_backward",
+                         "aten::threshold_backward", "aten::relu_"),
     "flash attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                         "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
     "softmax": ("aten::_softmax", "aten::_softmax_backward_data"),

@@ -9,38 +9,31 @@ oneDNN's native layout for convolutions; `vitlab.models.vit.STEM_CHANNELS_LAST`)
 images; the loader is not timed.
 """
 import argparse
-import platform
-import subprocess
-import time
+import itertools
 
 import torch
-import torch.nn.functional as F
 
-from vitlab import __version__
-from vitlab.bench import Step, load_average, time_interleaved
+from vitlab.bench import Step, load_average, machine, time_interleaved
 from vitlab.models import build_model, vit
 from vitlab.optim import build_optimizer
 from vitlab.recipes import recipe
-from vitlab.train import autocast
+from vitlab.train import forward_backward
 
 VARIANTS = ("NCHW", "channels-last")
 
 
 def make_step(name: str, size: int, variant: str) -> Step:
+    """One optimizer step of ``vitlab.train``'s own forward/backward on a fixed synthetic batch."""
     cfg = recipe(name)
     torch.manual_seed(0)
     model = build_model(cfg.model_config(num_classes=10)).train()
     opt = build_optimizer(model, cfg.optim)
-    x = torch.randn(cfg.batch_size, 3, size, size)
-    y = torch.randint(0, 10, (cfg.batch_size,))
-    device = torch.device("cpu")
+    batches = itertools.repeat((torch.randn(cfg.batch_size, 3, size, size), torch.randint(0, 10, (cfg.batch_size,))))
 
     def step():
         vit.STEM_CHANNELS_LAST = variant == "channels-last"
         opt.zero_grad(set_to_none=True)
-        with autocast(device, cfg.precision):
-            logits = model(x)
-        F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing).backward()
+        forward_backward(model, batches, cfg, torch.device("cpu"))
         opt.step()
     return step
 
@@ -54,10 +47,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"recipe {args.recipe}, {args.threads} threads, {args.rounds} interleaved rounds (median); torch "
-          f"{torch.__version__}, vitlab {__version__} (git {git}), {platform.processor() or platform.machine()}; "
-          f"load average {load_average()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    where = ", ".join(f"{k} {v}" for k, v in machine().items())
+    print(f"recipe {args.recipe}, {args.threads} threads, {args.rounds} interleaved rounds (median); {where}; "
+          f"load average {load_average()}")
     for size in args.sizes:
         steps = {v: make_step(args.recipe, size, v) for v in VARIANTS}
         t = time_interleaved(steps, rounds=args.rounds, target_s=1.0)
