@@ -67,13 +67,20 @@ class LoadedModel:
 
     @property
     def preprocess(self) -> Callable[[Any], torch.Tensor]:
-        """The model's eval transform: PIL image -> resized, centre-cropped, normalised (3, S, S)."""
-        from .data import eval_transform  # data imports torchvision; only load it when asked
+        """The model's eval transform: PIL image -> resized, centre-cropped, normalised (3, S, S).
 
+        A released model's own preprocessing (``meta["preprocess"]``: crop fraction, interpolation)
+        when it has one, else a resize + centre crop at its size with its mean and std.
+        """
+        from .data.images import Preprocess  # data imports torchvision; only load it when asked
+
+        if "preprocess" in self.meta:
+            p = self.meta["preprocess"]
+            return Preprocess(**{**p, "mean": tuple(p["mean"]), "std": tuple(p["std"])})
         h, w = as_pair(self.config.image_size)
         if h != w:
             raise ValueError(f"preprocess needs a square input size; the model takes {h}x{w}")
-        return eval_transform(h, self.config.mean, self.config.std)
+        return Preprocess(image_size=h, mean=tuple(self.config.mean), std=tuple(self.config.std))
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, *, class_names: list[str] | None = None,

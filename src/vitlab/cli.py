@@ -35,7 +35,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Attention maps for the given images, the paper's Fig. 7 panels, and an HTML report."""
     report = inspect_checkpoint(
-        args.checkpoint, args.images, args.out, data=args.data, head_fusion=args.head_fusion,
+        _model_ref(args), args.images, args.out, data=args.data, head_fusion=args.head_fusion,
         discard_ratio=args.discard_ratio, start_layer=args.start_layer, num_images=args.num_images,
         device=args.device, log=lambda message: print(message, file=sys.stderr),
     )
@@ -45,12 +45,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Import a foreign checkpoint (official / big_vision / timm / hf) into a vitlab model file."""
+    from .checkpoint import save_model
+    from .hub import entry_for, load_entry
     from .interop import convert
     from .models import model_config
 
     overrides = {k: v for k, v in (("num_heads", args.num_heads), ("image_size", args.image_size),
                                    ("mean", args.mean and tuple(args.mean)), ("std", args.std and tuple(args.std)))
                  if v is not None}
+    if args.model and args.model not in list_models():  # a released model: read the file as that entry
+        loaded = load_entry(entry_for(args.model), Path(args.src))
+        save_model(loaded.model, args.dst, class_names=loaded.class_names,
+                   meta={**loaded.meta, "converted_from": str(args.src)})
+        print(f"read {args.src} as {args.model}: {loaded.config.num_classes} classes, preprocessing "
+              f"{loaded.meta['preprocess']}")
+        print(f"wrote {args.dst}")
+        return 0
     like = model_config(args.model) if args.model else None
     report = convert(args.src, args.dst, args.fmt, like=like, **overrides)
     print(report)
@@ -60,10 +70,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a vitlab model file to timm (.safetensors/.pth), Hugging Face (folder), .npz or ONNX."""
-    from .checkpoint import load_model
+    from .hub import load_model
     from .interop import export_model, export_onnx
 
-    loaded = load_model(args.checkpoint)
+    if args.model:
+        if len(args.paths) != 1:
+            raise ValueError(f"with --model, give only the destination (got {' '.join(args.paths)})")
+        ref, dst = args.model, args.paths[0]
+    elif len(args.paths) == 2:
+        ref, dst = args.paths
+    else:
+        raise ValueError("give the model file (or --model NAME) and the destination: vitlab export MODEL DST")
+    args.dst = dst
+    loaded = load_model(ref)
     if Path(args.dst).suffix == ".onnx":
         diff = export_onnx(loaded.model, args.dst, dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size,
                            check=not args.no_check)
@@ -71,6 +90,107 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     path = export_model(loaded.model, args.dst, args.to, class_names=loaded.class_names)
     print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- hub
+
+def _model_ref(args: argparse.Namespace) -> str:
+    """The model a verb reads: ``--model NAME`` or the positional run directory / model file."""
+    ref = getattr(args, "model", None) or getattr(args, "checkpoint", None)
+    if not ref:
+        raise ValueError("no model given: pass a run directory, a model file, or --model NAME (`vitlab hub list`)")
+    return ref
+
+
+def _is_cached(entry) -> bool:
+    from .hub import cache
+
+    if entry.kind == "gcs":
+        return cache.cache_path("gcs", entry.source["gcs"]).is_file()
+    return entry.kind == "package"
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    """The released models: list, info, download, import, cache."""
+    from . import hub
+    from .hub import augreg, cache
+    from .hub.catalog import preprocess_dict
+
+    if args.hub_command == "list" and args.augreg:
+        rows = augreg.pick(augreg.read_index(), upstream=args.upstream, downstream=args.downstream,
+                           resolution=args.resolution, model=args.arch)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        print(f"{'name':<10}{'ds':<6}{'aug':<10}{'wd':>6}{'do':>5}{'sd':>5}{'up val':>8}  {'adapt_ds':<18}"
+              f"{'res':>5}{'lr':>7}{'steps':>7}{'test':>8}  adapt_filename")
+        for r in rows:
+            print(f"{r['name']:<10}{r['ds']:<6}{r['aug']:<10}{r['wd']:>6g}{r['do']:>5g}{r['sd']:>5g}"
+                  f"{100 * r['final_val']:>7.2f}%  {r['adapt_ds']:<18}{r['adapt_resolution']:>5}{r['adapt_lr']:>7g}"
+                  f"{r['adapt_steps']:>7}{100 * r['adapt_final_test']:>7.2f}%  augreg:{r['adapt_filename']}")
+        print(f"{len(rows)} rows (the official colab's pick: best upstream by validation, best adaptation per data "
+              f"set and resolution); load any with its augreg:<file> name", file=sys.stderr)
+        return 0
+    if args.hub_command == "list":
+        names = hub.list_pretrained(args.pattern or "")
+        if not names:
+            raise ValueError(f"no released model matches {args.pattern!r}; see `vitlab hub list`")
+        entries = [hub.entry_for(n) for n in names]
+        if args.json:
+            print(json.dumps([{**e.to_dict(), "cached": _is_cached(e)} for e in entries]))
+            return 0
+        print(f"{'name':<38}{'res':>5}{'classes':>8}  {'labels':<17}{'top-1':>7}  {'from':<8}{'cached':<7}")
+        for e in entries:
+            top1 = f"{e.accuracy['top1']:.2f}" if e.accuracy else "-"
+            print(f"{e.name:<38}{e.image_size:>5}{e.num_classes:>8}  {e.labels or '-':<17}{top1:>7}  {e.kind:<8}"
+                  f"{'yes' if _is_cached(e) else '':<7}")
+        return 0
+    if args.hub_command == "info":
+        e = hub.entry_for(args.name)
+        info = {**e.to_dict(), "cached": _is_cached(e),
+                "url": cache.gcs_url(e.source["gcs"]) if e.kind == "gcs" else
+                f"https://huggingface.co/{e.source['hf']}" if e.kind == "hf" else "(in the package)"}
+        if args.json:
+            print(json.dumps(info))
+            return 0
+        p = preprocess_dict(e.preprocess)
+        acc = e.accuracy
+        lines = [("name", e.name), ("description", e.description), ("architecture", e.architecture),
+                 ("source", info["url"]), ("format", e.format),
+                 ("size", f"{e.size:,} bytes" if e.size else "not in the catalog"),
+                 ("sha256", e.sha256 or "not published (recorded at the first download)"),
+                 ("resolution", f"{e.image_size} px"), ("classes", f"{e.num_classes} ({e.labels or 'no label list'})"),
+                 ("preprocessing", f"resize {p['resize']} side, crop {p['crop_pct']:g}, {p['interpolation']}, "
+                                   f"mean {p['mean']}, std {p['std']}"),
+                 ("license", e.license or "-"),
+                 ("accuracy", f"{acc['top1']:.2f}% top-1 on {acc['data']} {acc.get('split', '')} "
+                              f"({acc.get('source', '')})" if acc else "not published"),
+                 ("cached", "yes" if info["cached"] else "no")]
+        for key, value in lines:
+            print(f"{key + ':':<15}{value}")
+        return 0
+    if args.hub_command == "download":
+        for name in args.names:
+            path = hub.fetch(hub.entry_for(name))
+            print(f"{name}: {path}")
+        return 0
+    if args.hub_command == "import":
+        path = hub.import_file(args.file, args.name)
+        print(f"imported {args.file} as {args.name}: {path}")
+        return 0
+    # cache
+    if args.prune:
+        removed = cache.prune(everything=args.all, match=args.match or "")
+        print(f"removed {len(removed)} file(s) from {cache.home()}")
+        for f in removed:
+            print(f"  {f}")
+        return 0
+    files = cache.cached_files()
+    for f in files:
+        print(f"{f.size / 2**20:>10.1f} MiB  {f.state:<11}{f.path.relative_to(cache.home())}")
+    print(f"{len(files)} file(s), {sum(f.size for f in files) / 2**20:.1f} MiB in {cache.home()}"
+          f"{' (offline mode)' if cache.offline() else ''}")
     return 0
 
 
@@ -138,15 +258,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .plots import plot_confusion
 
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    result, split = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split,
+    ref = _model_ref(args)
+    result, split = evaluate_checkpoint(ref, data=args.data, split=args.split,
                                         batch_size=args.batch_size, device=args.device, precision=args.precision,
                                         progress=not args.json, flip_tta=args.flip_tta, log=log)
-    target = Path(args.checkpoint)
-    folder = target if target.is_dir() else target.parent
+    target = Path(ref)
+    folder = target if target.is_dir() else target.parent if target.exists() else Path(".")
     png = plot_confusion(result.confusion, result.class_names, folder / f"confusion_{split}.png",
                          title=f"{target.name}: {split} top-1 {100 * result.top1:.2f}%")
     if args.json:
-        print(json.dumps({"checkpoint": str(target), "split": split, **result.to_dict(), "confusion_png": str(png)}))
+        print(json.dumps({"checkpoint": ref, "split": split, **result.to_dict(), "confusion_png": str(png)}))
         return 0
     print(f"{'class':<24}{'accuracy':>10}{'images':>9}")
     for name, acc, n in zip(result.class_names, result.per_class, result.confusion.sum(1).tolist()):
@@ -159,12 +280,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k labels with probabilities per image; a directory writes every image's row to CSV."""
-    from .checkpoint import load_model
+    from .hub import load_model
     from .predict import image_files, predict, write_csv
     from .train import resolve_device
 
-    loaded = load_model(args.checkpoint, map_location=resolve_device(args.device))
-    files, any_dir = image_files(args.images)
+    ref, images = (args.model, args.paths) if args.model else (args.paths[0], args.paths[1:])
+    if not images:
+        raise ValueError("no images given: vitlab predict MODEL IMAGE... (or --model NAME IMAGE...)")
+    loaded = load_model(ref, map_location=resolve_device(args.device))
+    files, any_dir = image_files(images)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     predictions = predict(loaded, files, top_k=args.top_k, batch_size=args.batch_size, skip_unreadable=any_dir,
                           log=log)
@@ -177,7 +301,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             write_csv(predictions, sys.stdout)
         return 0
     for p in predictions:
-        print(f"{p.path}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probs)))
+        print(f"{p.path}: " + "; ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probs)))
     return 0
 
 
@@ -291,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("inspect", help="attention maps, position-embedding similarity, attention distance, report")
-    p.add_argument("checkpoint", help="model file or run directory")
+    p.add_argument("checkpoint", nargs="?", help="model file or run directory (or --model NAME)")
+    p.add_argument("--model", help="a released model by name (`vitlab hub list`), e.g. vit_b16.augreg_in21k_ft_in1k")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders to draw attention maps for")
     p.add_argument("--data", help="data set (CIFAR dir, image folder) for the mean attention distance (default: the --images)")
     p.add_argument("--out", required=True, help="output folder for the PNGs and report.html")
@@ -307,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="the vitlab model file to write (.safetensors)")
     p.add_argument("--from", dest="fmt", choices=["official", "big_vision", "bit", "timm", "hf"],
                    help="force the format")
-    p.add_argument("--model", help="check the checkpoint against this preset's architecture")
+    p.add_argument("--model", help="check the checkpoint against this preset's architecture, or read it as this "
+                                   "released model (its labels and preprocessing go into the file)")
     p.add_argument("--num-heads", type=int, help="heads (timm state dicts do not record them)")
     p.add_argument("--image-size", type=int, help="input size, when the checkpoint cannot tell it")
     p.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (R G B)")
@@ -315,9 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, official .npz or ONNX")
-    p.add_argument("checkpoint", help="vitlab model file or run directory")
-    p.add_argument("dst", help=".safetensors/.pth (timm), a folder (Hugging Face), .npz (official; BiT's for a BiT "
-                               "model) or .onnx")
+    p.add_argument("paths", nargs="+", metavar="[MODEL] DST",
+                   help="a vitlab model file or run directory (or --model NAME), then the destination: "
+                        ".safetensors/.pth (timm), a folder (Hugging Face), .npz (official; BiT's for a BiT model) or .onnx")
+    p.add_argument("--model", help="a released model by name (`vitlab hub list`), e.g. vit_b16.augreg_in21k_ft_in1k")
     p.add_argument("--to", choices=["official", "big_vision", "bit", "timm", "hf"], help="force the format")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
     p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
@@ -334,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, config_options=add_train_options(p))
 
     p = sub.add_parser("eval", help="top-1/top-5/per-class accuracy and a confusion matrix", allow_abbrev=False)
-    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", nargs="?", help="a run directory or model file")
+    p.add_argument("--model", help="a released model by name (`vitlab hub list`), e.g. vit_b16.augreg_in21k_ft_in1k")
     p.add_argument("--data", help="data path (default: the run's data)")
     p.add_argument("--split", choices=["test", "val", "train"], help="default: test if the data has one, else val")
     p.add_argument("--batch-size", type=int, default=256)
@@ -346,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k labels with probabilities for images", allow_abbrev=False)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model file or run directory")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or directories (-> CSV)")
+    p.add_argument("paths", metavar="[CHECKPOINT] IMAGE", nargs="+",
+                   help="a model file or run directory (unless --model), then image files or directories (-> CSV)")
+    p.add_argument("--model", help="a released model by name (`vitlab hub list`), e.g. vit_b16.augreg_in21k_ft_in1k")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--output", metavar="CSV", help="write CSV here (a directory argument prints CSV by default)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -356,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fewshot", help="few-shot linear evaluation of frozen features (the paper's ridge)",
                        allow_abbrev=False)
-    p.add_argument("--from", dest="checkpoint", metavar="CHECKPOINT", required=True, help="model file or run directory")
+    p.add_argument("--from", "--model", dest="checkpoint", metavar="MODEL", required=True,
+                   help="model file, run directory or released model name (`vitlab hub list`)")
     p.add_argument("--data", required=True, help="data with a train split and a test (or val) split")
     p.add_argument("--shots", default="1,5,10,25", help="examples per class, comma-separated (default 1,5,10,25)")
     p.add_argument("--seeds", type=int, default=3, help="random k-shot draws to average over (default 3)")
@@ -375,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the new grid, SGD momentum 0.9, warm-up + cosine, batch 512. Several --lr values "
                                    "are swept on a minival held out from train; the best is trained on all of train "
                                    "and evaluated on test. Writes RUN/lr_<lr>/, RUN/final/ and RUN/finetune.json.")
-    p.add_argument("--from", dest="checkpoint", metavar="CHECKPOINT", required=True, help="model file or run directory")
+    p.add_argument("--from", "--model", dest="checkpoint", metavar="MODEL", required=True,
+                   help="model file, run directory or released model name (`vitlab hub list`)")
     p.add_argument("--data", required=True, help="the new data (train and test splits)")
     p.add_argument("--image-size", type=int, help="fine-tuning resolution (default: the checkpoint's)")
     p.add_argument("--out", metavar="RUN", help="output directory (default runs/finetune-<time>)")
@@ -389,6 +520,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posemb-mode", choices=["scipy", "bilinear", "bicubic"], default="scipy",
                    help="position-embedding resampling (default scipy: the official corner-aligned linear zoom)")
     p.set_defaults(func=cmd_finetune, config_options=add_finetune_options(p))
+
+    p = sub.add_parser("hub", help="released pretrained models: list, info, download, import, cache")
+    hub_sub = p.add_subparsers(dest="hub_command", required=True)
+    q = hub_sub.add_parser("list", help="the catalog (or, with --augreg, rows of the AugReg index.csv)")
+    q.add_argument("pattern", nargs="?", help="only names containing this (or matching a * glob)")
+    q.add_argument("--augreg", action="store_true", help="rows of the official AugReg index.csv, picked as its colab")
+    q.add_argument("--upstream", help="--augreg: upstream data set (i21k, i1k)")
+    q.add_argument("--downstream", help="--augreg: adaptation data set (imagenet2012, cifar100, oxford_iiit_pet, ...)")
+    q.add_argument("--resolution", type=int, help="--augreg: adaptation resolution (224, 384)")
+    q.add_argument("--arch", help="--augreg: model name as index.csv writes it (Ti/16, B/16, R26+S/32, ...)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = hub_sub.add_parser("info", help="source, size, resolution, labels, preprocessing, license, accuracy")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = hub_sub.add_parser("download", help="fetch into the cache (verified, resumable)")
+    q.add_argument("names", nargs="+", metavar="NAME")
+    q = hub_sub.add_parser("import", help="put a file carried by hand (air-gapped machines) into the cache, verified")
+    q.add_argument("file", help="the downloaded file (a folder for Hugging Face entries)")
+    q.add_argument("--name", required=True, help="the model it is, e.g. vit_b16.augreg_in21k")
+    q = hub_sub.add_parser("cache", help="list the cache with sizes; --prune removes partial or unrecorded files")
+    q.add_argument("match", nargs="?", help="with --prune: only paths containing this")
+    q.add_argument("--prune", action="store_true", help="remove interrupted downloads and files without a record")
+    q.add_argument("--all", action="store_true", help="with --prune: remove every cached file")
+    p.set_defaults(func=cmd_hub)
 
     p = sub.add_parser("bench", help="speed against timm and transformers (needs vitlab[bench])")
     p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")

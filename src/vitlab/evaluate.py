@@ -98,13 +98,15 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
     seed are reused, so ``val`` is the same held-out set as in training. ``split``: ``test``
     (the default when there is one), ``val`` or ``train``.
     """
-    from .checkpoint import load_model
     from .data import DataConfig, Loader, build_data
+    from .hub import is_pretrained_name, load_model
     from .train import CONFIG_FILE, load_run_config, resolve_device
 
     run_cfg = load_run_config(checkpoint) if (Path(checkpoint) / CONFIG_FILE).is_file() else None
     if data is None and run_cfg is None:
-        raise ValueError(f"{checkpoint} is a model file, not a run directory; pass --data PATH")
+        what = ("a released model" if isinstance(checkpoint, str) and not Path(checkpoint).exists()
+                and is_pretrained_name(checkpoint) else "a model file, not a run directory")
+        raise ValueError(f"{checkpoint} is {what}; pass --data PATH")
     dev = resolve_device(device)
     loaded = load_model(checkpoint, map_location=dev)
     mcfg = loaded.config

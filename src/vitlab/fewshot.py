@@ -204,10 +204,10 @@ def fewshot_checkpoint(
     its train split, accuracy on its test split (else val). ``probe="logistic"`` adds the
     logistic probe. Only the training images some seed draws go through the model; features
     are cached under ``cache_dir``."""
-    from .checkpoint import load_model, resolve_model_file
     from .config import as_pair
     from .data import DataConfig, build_data
     from .features import cache_key, cached_features, extract_features
+    from .hub import load_model, model_file
 
     shots = list(dict.fromkeys(shots))
     if probe not in (None, "logistic"):
@@ -216,8 +216,8 @@ def fewshot_checkpoint(
         raise ValueError(f"shots must be positive numbers of examples per class, got {shots}")
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
-    file = resolve_model_file(checkpoint)
-    model = load_model(file, map_location=device).model
+    file = model_file(checkpoint)  # the features' cache key
+    model = load_model(checkpoint, map_location=device).model
     h, w = as_pair(model.cfg.image_size)
     if h != w:
         raise ValueError(f"few-shot evaluation uses square images; the model takes {h}x{w}")

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import load_model, load_state_dict_checked, resolve_model_file, write_json
+from .checkpoint import load_state_dict_checked, write_json
 from .config import replace_checked
+from .hub import is_pretrained_name, load_model, model_file
 from .models import get_spec, list_models
 
 if TYPE_CHECKING:
@@ -93,8 +94,8 @@ def finetune_config(checkpoint: str | os.PathLike, data: str, *, image_size: int
     from .recipes import recipe
     from .train import override
 
-    file = resolve_model_file(checkpoint)
-    loaded = load_model(file)
+    named = isinstance(checkpoint, str) and not Path(checkpoint).exists() and is_pretrained_name(checkpoint)
+    loaded = load_model(checkpoint)
     pre = loaded.config
     changes: dict[str, Any] = {"image_size": image_size or pre.image_size}
     if hasattr(pre, "posemb_mode"):  # ViTs and hybrids; a BiT ResNet has no position embeddings
@@ -107,7 +108,8 @@ def finetune_config(checkpoint: str | os.PathLike, data: str, *, image_size: int
     model_overrides = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
                        if f.name != "num_classes" and getattr(target, f.name) != getattr(base, f.name)}
     cfg = dataclasses.replace(recipe("finetune"), model=preset, model_overrides=model_overrides,
-                              init_from=str(file.resolve()), train_blocks=train_blocks)
+                              init_from=checkpoint if named else str(model_file(checkpoint).resolve()),
+                              train_blocks=train_blocks)
     return override(cfg, path=data, **overrides)
 
 

@@ -3,10 +3,10 @@ from .build import Data, build_data
 from .config import DataConfig
 from .datasets import ArrayDataset, ImageFolderDataset
 from .download import CIFAR_ARCHIVES, Archive, ensure_archive
-from .images import IMAGE_EXTENSIONS, eval_transform, find_images, load_image
+from .images import IMAGE_EXTENSIONS, Preprocess, eval_transform, find_images, load_image
 from .loader import Loader
 
 __all__ = [
     "Archive", "ArrayDataset", "CIFAR_ARCHIVES", "Data", "DataConfig", "IMAGE_EXTENSIONS",
-    "ImageFolderDataset", "Loader", "build_data", "ensure_archive", "eval_transform", "find_images", "load_image",
+    "ImageFolderDataset", "Loader", "Preprocess", "build_data", "ensure_archive", "eval_transform", "find_images", "load_image",
 ]

@@ -1,8 +1,10 @@
 """Image files and single-image transforms: decode to RGB, resize + centre crop, normalise."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,46 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
     return x.float().mul_(scale).sub_(shift)
+
+
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                  "nearest": v2.InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its images: the eval transform of timm's ``pretrained_cfg`` / HF's image processor.
+
+    ``resize="shorter"`` scales the shorter side to ``image_size / crop_pct`` and crops the centre
+    (timm); ``"squash"`` resizes both sides to ``image_size`` (HF's ViTImageProcessor, the official
+    JAX evaluation). Pixels become ``(x / 255 - mean) / std``.
+    """
+
+    image_size: int
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    resize: str = "shorter"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        for ok, what in ((self.interpolation in INTERPOLATIONS, f"interpolation {self.interpolation!r}: use "
+                          f"{', '.join(INTERPOLATIONS)}"),
+                         (self.resize in ("shorter", "squash"), f"resize {self.resize!r}: use shorter or squash"),
+                         (0 < self.crop_pct <= 1, f"crop_pct {self.crop_pct}: use a fraction in (0, 1]")):
+            if not ok:
+                raise ValueError(f"unknown preprocessing {what}")
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        """RGB PIL image -> normalised float (3, S, S)."""
+        x = to_uint8_tensor(img.convert("RGB"))
+        mode, s = INTERPOLATIONS[self.interpolation], self.image_size
+        if self.resize == "squash":
+            x = v2.functional.resize(x, [s, s], interpolation=mode, antialias=True)
+        else:
+            x = v2.functional.resize(x, math.floor(s / self.crop_pct), interpolation=mode, antialias=True)
+            x = v2.functional.center_crop(x, [s, s])
+        return normalize(x, self.mean, self.std)
 
 
 def eval_transform(image_size: int | tuple[int, int], mean: Sequence[float] = (0.5, 0.5, 0.5),

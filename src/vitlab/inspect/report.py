@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import LoadedModel, atomic_write, load_model, write_json
+from ..checkpoint import LoadedModel, atomic_write, write_json
+from ..hub import load_model
 from ..config import as_pair, to_dict
 from ..flops import count_flops
 from .capture import attention_modules

@@ -94,7 +94,7 @@ register("vit_mu8_32px", vit_config("Mu/8", image_size=32, num_classes=10), Visi
          "ViT-Mu/8 for 32-px images (a 4 x 4 grid: a quarter of Mu/4's compute)")
 
 # Big Transfer ResNet-v2 baselines (the paper's BiT-L shapes), 1000 classes.
-for _depth, _wf in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 4)):
+for _depth, _wf in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
     register(f"bit_r{_depth}x{_wf}", bit_config(_depth, _wf), ResNetV2, f"BiT ResNet-v2 R{_depth}x{_wf}")
 
 # BiT for 32-px images at CPU scale (the paper has none; the choices are in the README): a
