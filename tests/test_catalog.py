@@ -48,6 +48,8 @@ KEYS = {"architecture": str, "source": dict, "format": str, "image_size": int, "
         "labels": (str, type(None)), "preprocess": dict, "license": str, "size": (int, type(None)),
         "sha256": (str, type(None)), "accuracy": (dict, type(None)), "description": str}
 FORMATS = {"official", "big_vision", "bit", "timm", "hf"}
+ACC_REQUIRED = {"top1", "data", "split", "source"}
+ACC_OPTIONAL = {"top5", "image_size", "real_top1"}
 
 
 def _no_duplicate_keys(pairs):
@@ -105,10 +107,29 @@ def test_entry_schema(name, entry):
     assert entry["sha256"] is None or re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
     if entry["accuracy"] is not None:
         acc = entry["accuracy"]
-        assert set(acc) == {"top1", "data", "split", "source"} and 0 < acc["top1"] <= 100 and acc["source"]
+        assert ACC_REQUIRED <= set(acc) <= ACC_REQUIRED | ACC_OPTIONAL, f"accuracy keys: {sorted(acc)}"
     desc = entry["description"]
     assert desc and "\n" not in desc and desc == desc.strip()
     assert f"{entry['image_size']} px" in desc, "the description gives the resolution"
+
+
+def test_accuracy_values():
+    """Every published accuracy has a top-1 in (0, 100] and says on what data, which split and from where."""
+    filled = [(n, e["accuracy"]) for n, e in ENTRIES if e["accuracy"] is not None]
+    assert filled, "no entry has an accuracy"
+    for name, acc in filled:
+        top1 = acc["top1"]
+        assert isinstance(top1, (int, float)) and not isinstance(top1, bool) and 0 < top1 <= 100, name
+        for key in ("data", "split", "source"):
+            assert isinstance(acc[key], str) and acc[key].strip(), f"{name}: accuracy {key}"
+        for key in ("top5", "real_top1"):
+            if key in acc:
+                assert isinstance(acc[key], (int, float)) and 0 < acc[key] <= 100, f"{name}: accuracy {key}"
+        if "top5" in acc:
+            assert acc["top5"] >= top1, name
+        if "image_size" in acc:
+            assert acc["image_size"] == MODELS[name]["image_size"], f"{name}: measured at another size"
+        assert MODELS[name]["num_classes"] == 1000, f"{name}: an ImageNet accuracy needs a 1000-class head"
 
 
 @pytest.mark.parametrize("name,entry", ENTRIES, ids=[n for n, _ in ENTRIES])

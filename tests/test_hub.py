@@ -224,7 +224,7 @@ def test_cli_predict_eval_export_and_convert_by_name(hub, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
     assert main(["predict", "--model", "vit_mu4_32px.test_gcs", str(img), "--top-k", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{img}: ") and out.count(";") == 2
+    assert out.startswith(f"{img}: ") and out.count(", ") == 2
     assert any(name in out for name in vitlab.hub.labels("cifar10"))
     assert main(["export", "--model", "vit_mu4_32px.test_gcs", str(tmp_path / "timm.safetensors")]) == 0
     assert main(["convert", str(hub.npz), str(tmp_path / "c.safetensors"), "--model", "vit_mu4_32px.test_gcs"]) == 0
@@ -232,3 +232,4 @@ def test_cli_predict_eval_export_and_convert_by_name(hub, tmp_path, capsys):
     assert loaded.class_names == vitlab.hub.labels("cifar10") and loaded.meta["preprocess"]["resize"] == "squash"
     assert main(["eval", "--model", "vit_mu4_32px.test_gcs"]) == 2
     assert "is a released model; pass --data" in capsys.readouterr().err
+

@@ -122,8 +122,9 @@ def test_hf_vit_model_features_and_pooler(tmp_path):
 
 # --- official and big_vision .npz ------------------------------------------------------
 def official_arrays(width=32, depth=2, heads=2, mlp=64, patch=8, grid=4, classes=5, rep=None, cls=True,
-                    flavour="official", seed=0):
-    """Random arrays named and shaped as in the released .npz files."""
+                    flavour="official", seed=0, map_head=False):
+    """Random arrays named and shaped as in the released .npz files (``map_head``: big_vision's
+    ``pool_type="map"``)."""
     rng = np.random.default_rng(seed)
     r = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.2  # noqa: E731
     names = dict(official=("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"),
@@ -146,6 +147,15 @@ def official_arrays(width=32, depth=2, heads=2, mlp=64, patch=8, grid=4, classes
         a[f"{b}{names[2]}/Dense_0/kernel"], a[f"{b}{names[2]}/Dense_0/bias"] = r(width, mlp), r(mlp)
         a[f"{b}{names[2]}/Dense_1/kernel"], a[f"{b}{names[2]}/Dense_1/bias"] = r(mlp, width), r(width)
     a["Transformer/encoder_norm/scale"], a["Transformer/encoder_norm/bias"] = 1 + r(width), r(width)
+    if map_head:  # big_vision models/vit.py MAPHead: probe, attention, LayerNorm, MlpBlock
+        att = "MAPHead_0/MultiHeadDotProductAttention_0/"
+        a["MAPHead_0/probe"] = r(1, 1, width)
+        for n in ("query", "key", "value"):
+            a[f"{att}{n}/kernel"], a[f"{att}{n}/bias"] = r(width, heads, width // heads), r(heads, width // heads)
+        a[f"{att}out/kernel"], a[f"{att}out/bias"] = r(heads, width // heads, width), r(width)
+        a["MAPHead_0/LayerNorm_0/scale"], a["MAPHead_0/LayerNorm_0/bias"] = 1 + r(width), r(width)
+        a["MAPHead_0/MlpBlock_0/Dense_0/kernel"], a["MAPHead_0/MlpBlock_0/Dense_0/bias"] = r(width, mlp), r(mlp)
+        a["MAPHead_0/MlpBlock_0/Dense_1/kernel"], a["MAPHead_0/MlpBlock_0/Dense_1/bias"] = r(mlp, width), r(width)
     if rep:
         a["pre_logits/kernel"], a["pre_logits/bias"] = r(width, rep), r(rep)
     a["head/kernel"], a["head/bias"] = r(rep or width, classes), r(classes)
@@ -302,6 +312,13 @@ def test_onnx_export_dynamic_batch_and_size(tmp_path):
     assert diff <= 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0
 
 
+def test_onnx_dynamic_size_recomputes_sincos_table_and_runs_map_head(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = randomise(vitlab.create_model("vit_mu4_32px", depth=1, width=32, mlp_dim=64, num_heads=2, pool="map",
+                                          class_token=False, posemb="sincos2d"))
+    assert export_onnx(model, tmp_path / "m.onnx", dynamic_batch=True, dynamic_size=True) <= 1e-4
+
+
 def test_cli_convert_and_export(tmp_path, capsys):
     src = tmp_path / "ViT-mini.npz"
     np.savez(src, **official_arrays())
@@ -351,6 +368,86 @@ def test_big_vision_scanned_blocks_and_sincos_posemb(tmp_path):
     model, report = import_model(tmp_path / "sincos.npz", image_size=48)
     assert model.cfg.image_size == 48 and any("sincos2d" in n for n in report.notes)
     assert torch.equal(model.pos_embed[0], sincos_2d((6, 6), 32))
+
+
+# --- big_vision variants: the MAP head and sin-cos position embeddings -------------------
+@pytest.mark.parametrize("cls", [False, True])
+def test_timm_map_head_state_dict_in_and_out(tmp_path, cls):
+    ref = small_timm(class_token=cls, global_pool="map")
+    model, report = import_model(ref.state_dict(), num_heads=2)
+    assert (model.cfg.pool, model.cfg.class_token) == ("map", cls) and report.num_tensors == len(ref.state_dict())
+    x = images()
+    with torch.no_grad():
+        assert max_diff(model(x), ref(x)) <= 1e-5
+        fresh = TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5,
+                        class_token=cls, global_pool="map")
+        fresh.load_state_dict(torch.load(export_model(model, tmp_path / "map.pth"), weights_only=True))
+        assert torch.equal(fresh.eval()(x), ref(x))
+
+
+def test_big_vision_map_head_matches_timm_loader_and_round_trips(tmp_path):
+    src = tmp_path / "map.npz"
+    arrays = official_arrays(flavour="big_vision", cls=False, map_head=True)
+    np.savez(src, **arrays)
+    model, report = import_model(src)
+    assert model.cfg.pool == "map" and report.num_tensors == len(model.state_dict())
+    ref = timm_jax_reference(src, class_token=False, no_embed_class=True, global_pool="map")
+    x = images()
+    with torch.no_grad():
+        out = model(x)
+        assert max_diff(out, ref(x)) <= 1e-5
+        assert max_diff(out, model.head(model.forward_features(x).mean(1))) > 0.1  # the head is not a mean
+    assert_npz_equal(src, export_model(model, tmp_path / "back.npz", "big_vision"))
+    with pytest.raises(ValueError, match="no MAP head"):
+        export_model(model, tmp_path / "official.npz")
+
+
+def big_vision_sincos(h, w, width, temperature=10_000.0):
+    """big_vision's ``posemb_sincos_2d`` (models/vit.py), in numpy: (1, h*w, width)."""
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+    y, x = np.einsum("m,d->md", y.flatten(), omega), np.einsum("m,d->md", x.flatten(), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("cls", [False, True])
+def test_big_vision_sincos_file_has_no_pos_embedding_in_or_out(tmp_path, cls):
+    arrays = official_arrays(flavour="big_vision", cls=cls)
+    del arrays["params/pos_embedding"]  # posemb="sincos2d" is computed, not a parameter
+    np.savez(tmp_path / "sincos.npz", **arrays)
+    model, _ = import_model(tmp_path / "sincos.npz", image_size=32)
+    assert model.cfg.posemb == "sincos2d" and "pos_embed" not in dict(model.named_parameters())
+    # big_vision's merge_params refuses a pos_embedding its model does not have: none is written.
+    back = export_model(model, tmp_path / "back.npz", "big_vision")
+    assert_npz_equal(tmp_path / "sincos.npz", back)
+    # timm's ViT learns its position embeddings and its loader needs the array: give it big_vision's table.
+    np.savez(tmp_path / "table.npz", **arrays, **{"params/pos_embedding": big_vision_sincos(4, 4, 32)})
+    ref = timm_jax_reference(tmp_path / "table.npz", class_token=cls, no_embed_class=True,
+                             global_pool="token" if cls else "avg", fc_norm=False)
+    x = images()
+    with torch.no_grad():
+        assert max_diff(model(x), ref(x)) <= 1e-5
+        assert max_diff(import_model(back, image_size=32)[0](x), model(x)) == 0.0
+
+
+def test_vitlab_sincos_model_to_big_vision_and_timm(tmp_path):
+    model = randomise(vitlab.create_model("vit_mu4_32px", depth=2, width=32, mlp_dim=64, num_heads=2, pool="gap",
+                                          class_token=False, posemb="sincos2d", gelu="tanh", posemb_mode="scipy"))
+    src = export_model(model, tmp_path / "bv.npz", "big_vision")
+    assert "params/pos_embedding" not in np.load(src).files
+    back, _ = import_model(src, image_size=32)
+    assert back.cfg == model.cfg
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    x = images()
+    with torch.no_grad():  # timm learns the table: a timm state dict holds it as pos_embed
+        ref = TimmViT(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10,
+                      class_token=False, global_pool="avg", fc_norm=False,
+                      act_layer=functools.partial(nn.GELU, approximate="tanh"))
+        ref.load_state_dict(torch.load(export_model(model, tmp_path / "t.pth"), weights_only=True))
+        assert max_diff(ref.eval()(x), model(x)) <= 1e-5
+        model.set_image_size(48)  # the table is recomputed, not resampled
+        assert torch.equal(model.pos_embed[0], sincos_2d((12, 12), 32))
 
 
 def test_corrupt_and_vitlab_files_get_clear_errors(tmp_path):

@@ -3,6 +3,7 @@
 The .npz files are synthesised by exporting randomly initialised vitlab models (no download);
 numerics are compared with timm's own .npz loaders and timm models on the same input.
 """
+import re
 from functools import partial
 
 import numpy as np
@@ -119,6 +120,34 @@ def test_hybrid_npz_round_trip_is_byte_exact_and_matches_timm_loader(tmp_path, l
     with torch.no_grad():
         assert max_diff(as_timm(x), ref(x)) <= 1e-4
         assert max_diff(model(x), ref(x)) > 0  # the official numerics differ from timm's port
+
+
+def released_gn_shapes(src, dst):
+    """``src`` with every GroupNorm scale and bias as (1, 1, 1, C), as in the released R50+ViT-B/16
+    files (old ``flax.nn``; e.g. ``block1/unit1/gn1/scale``, ``gn_root/scale``, ``gn_proj/bias``)."""
+    arrays = dict(np.load(src))
+    gn = [k for k in arrays if re.search(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$", k)]  # vit_jax's _fix_groupnorm
+    np.savez(dst, **{k: v.reshape(1, 1, 1, -1) if k in gn else v for k, v in arrays.items()})
+    return dst, gn
+
+
+def test_hybrid_npz_with_released_groupnorm_shapes_matches_timm_loader(tmp_path):
+    ours = tiny_hybrid((2, 1, 1), image_size=64)  # unit 2 of stage 1 has no projection
+    src, gn = released_gn_shapes(export_model(ours, tmp_path / "h.npz"), tmp_path / "R50+ViT-B_16.npz")
+    assert {"gn_root/scale", "block1/unit1/gn1/scale", "block1/unit1/gn_proj/bias", "block1/unit2/gn3/bias"} <= set(gn)
+    assert np.load(src)["block1/unit1/gn1/scale"].shape == (1, 1, 1, 32)
+    model, report = import_model(src)
+    assert report.num_tensors == len(ours.state_dict()) and model.cfg == ours.cfg
+    for k, v in ours.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    ref = timm_hybrid((2, 1, 1), img_size=64, act_layer=partial(nn.GELU, approximate="tanh"))
+    timm_vit._load_weights(ref, str(src))  # its _n2p flattens (1, 1, 1, C)
+    as_timm, _ = import_model(src, gn_eps=1e-5, ws_eps=1e-8, ws_form="var")
+    x = images(size=64)
+    with torch.no_grad():
+        assert max_diff(as_timm(x), ref(x)) <= 1e-4 and ref(x).abs().max() > 1
+    back = np.load(export_model(model, tmp_path / "back.npz"))  # written as (C,), vit_jax's linen shape
+    assert back["block1/unit1/gn1/scale"].shape == (32,)
 
 
 def test_official_weight_standardisation_divides_by_std_plus_eps():

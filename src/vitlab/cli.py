@@ -111,6 +111,17 @@ def _is_cached(entry) -> bool:
     return entry.kind == "package"
 
 
+def catalog_table(entries: list) -> str:
+    """The catalog as a markdown table (the README's "Pretrained models" table is this output)."""
+    rows = ["| name | px | classes | labels | ImageNet top-1 | from |", "|---|---|---|---|---|---|"]
+    for e in entries:
+        acc = e.accuracy
+        top1 = f"{acc['top1']:.2f}" if acc and acc.get("data") == "imagenet2012" else "-"
+        source = {"gcs": "official bucket", "hf": f"HF `{e.source.get('hf')}`", "package": "in the package"}[e.kind]
+        rows.append(f"| `{e.name}` | {e.image_size} | {e.num_classes} | {e.labels or '-'} | {top1} | {source} |")
+    return "\n".join(rows)
+
+
 def cmd_hub(args: argparse.Namespace) -> int:
     """The released models: list, info, download, import, cache."""
     from . import hub
@@ -139,6 +150,9 @@ def cmd_hub(args: argparse.Namespace) -> int:
         entries = [hub.entry_for(n) for n in names]
         if args.json:
             print(json.dumps([{**e.to_dict(), "cached": _is_cached(e)} for e in entries]))
+            return 0
+        if args.markdown:
+            print(catalog_table(entries))
             return 0
         print(f"{'name':<38}{'res':>5}{'classes':>8}  {'labels':<17}{'top-1':>7}  {'from':<8}{'cached':<7}")
         for e in entries:
@@ -301,7 +315,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             write_csv(predictions, sys.stdout)
         return 0
     for p in predictions:
-        print(f"{p.path}: " + "; ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probs)))
+        shown = (f'"{label}"' if "," in label else label for label in p.labels)  # WordNet lemmas hold commas
+        print(f"{p.path}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in zip(shown, p.probs)))
     return 0
 
 
@@ -531,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resolution", type=int, help="--augreg: adaptation resolution (224, 384)")
     q.add_argument("--arch", help="--augreg: model name as index.csv writes it (Ti/16, B/16, R26+S/32, ...)")
     q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--markdown", action="store_true", help="print a markdown table (as in the README)")
     q = hub_sub.add_parser("info", help="source, size, resolution, labels, preprocessing, license, accuracy")
     q.add_argument("name")
     q.add_argument("--json", action="store_true", help="print JSON")
@@ -574,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:  # NaN / inf: the last good checkpoint is kept
         print0(f"vitlab {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130

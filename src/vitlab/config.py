@@ -8,7 +8,8 @@ from typing import Any, Literal, TypeVar
 
 C = TypeVar("C")
 
-Pool = Literal["token", "gap"]
+Pool = Literal["token", "gap", "map"]
+Posemb = Literal["learn", "sincos2d"]
 Gelu = Literal["exact", "tanh"]
 PosembMode = Literal["bilinear", "bicubic", "scipy"]
 WsForm = Literal["var", "std"]
@@ -34,7 +35,8 @@ class ViTConfig:
     depth: int = 12  # number of encoder blocks
     mlp_dim: int = 3072
     num_heads: int = 12
-    pool: Pool = "token"  # "token": the [class] token; "gap": mean of patch tokens
+    pool: Pool = "token"  # "token": the [class] token; "gap": mean of patch tokens; "map": attention pooling
+    # of the patch tokens by a learned probe (big_vision's MAPHead, timm's attn_pool)
     class_token: bool = True
     representation_size: int | None = None  # pre-logits Linear + tanh
     dropout: float = 0.0  # after the embedding, in the MLP and after attention
@@ -51,7 +53,8 @@ class ViTConfig:
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     fused_attention: bool = True  # the fastest kernel (SDPA or batched matmuls), else explicit softmax
-    posemb_mode: PosembMode = "bicubic"  # how position embeddings are resampled
+    posemb: Posemb = "learn"  # "sincos2d": a fixed 2-D sin-cos table (big_vision), not a parameter
+    posemb_mode: PosembMode = "bicubic"  # how learned position embeddings are resampled
     dynamic_image_size: bool = False  # any image size: position embeddings resampled in forward
     # Input preprocessing the weights expect (kept with the model so outputs match).
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # (0.5, 0.5) maps [0, 1] to [-1, 1]
@@ -68,8 +71,12 @@ class ViTConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
-        if self.pool not in ("token", "gap"):
-            raise ValueError(f"pool must be 'token' or 'gap', got {self.pool!r}")
+        if self.pool not in ("token", "gap", "map"):
+            raise ValueError(f"pool must be 'token', 'gap' or 'map', got {self.pool!r}")
+        if self.posemb not in ("learn", "sincos2d"):
+            raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+        if self.posemb == "sincos2d" and self.width % 4:
+            raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {self.width}")
         if self.pool == "token" and not self.class_token:
             raise ValueError("pool='token' needs class_token=True; use pool='gap' without it")
         if self.conv_stem and not (self.patch_size & (self.patch_size - 1) == 0

@@ -65,6 +65,7 @@ def describe(cfg: ViTConfig | BiTConfig) -> str:
     resnet = (f"ResNet units {cfg.resnet_layers} width {cfg.resnet_width} (GroupNorm eps {cfg.gn_eps:g}, "
               f"weight standardisation {cfg.ws_form} eps {cfg.ws_eps:g}), " if isinstance(cfg, HybridConfig) else "")
     rep = f", representation {cfg.representation_size}" if cfg.representation_size else ""
+    rep += ", sin-cos position embeddings" if cfg.posemb == "sincos2d" else ""
     return (f"{resnet}width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}, MLP {cfg.mlp_dim}, "
             f"patch {cfg.patch_size}, {h}x{w} px, pool {cfg.pool}{rep}, {cfg.num_classes} classes; GELU {cfg.gelu}, "
             f"LayerNorm eps {cfg.layer_norm_eps:g}, mean {cfg.mean}, std {cfg.std}")
@@ -114,7 +115,6 @@ def import_model(src: str | os.PathLike | Mapping[str, torch.Tensor], fmt: str |
     model = build_model(cfg)
     report = ImportReport(fmt, str(path), notes=notes, architecture=describe(cfg))
     if fmt in ("official", "big_vision"):
-        official.fill_sincos(source, cfg)
         entries, ignore = official.key_map(cfg, fmt), (lambda key: None)
     elif fmt == "bit":
         entries, ignore = bit_format.key_map(cfg), (lambda key: None)

@@ -2,7 +2,10 @@
 
 An ``Entry`` ties one or more vitlab keys to one or more foreign keys with a pair of exact
 tensor transforms (transpose, reshape, permute, concat/split). Nothing else is done to the
-weights, so an import followed by an export gives back the same arrays bit for bit.
+weights, so an import followed by an export gives back the same arrays bit for bit (one
+exception: GroupNorm vectors read as (1, 1, 1, C) are written back as (C,), see ``norm_vector``).
+An entry with no foreign keys computes its tensor (big_vision's fixed sin-cos table) and
+writes nothing.
 """
 from __future__ import annotations
 
@@ -89,6 +92,12 @@ def out_kernel_in(t: Tensor) -> Tensor:
 def out_kernel_out(heads: int) -> Fn:
     """Linear weight (D, heads * head_dim) -> DenseGeneral kernel (heads, head_dim, D)."""
     return lambda w: w.T.reshape(heads, -1, w.shape[0])
+
+
+def norm_vector(t: Tensor) -> Tensor:
+    """A norm scale or bias stored as (1, 1, 1, C) (old ``flax.nn`` GroupNorm: the released hybrid
+    files) or (C,) -> (C,); other shapes pass through to the shape check."""
+    return t.reshape(-1) if t.ndim > 1 and set(t.shape[:-1]) == {1} else t
 
 
 def units_per_stage(keys: Iterable[str], pattern: str, source: str, first: int = 0) -> tuple[int, ...]:

@@ -14,12 +14,20 @@ second LayerNorm    ``LayerNorm_2``                       ``LayerNorm_1``
 MLP                 ``MlpBlock_3``                        ``MlpBlock_0``
 ==================  ====================================  =================================
 
+big_vision's ``posemb="sincos2d"`` is computed, not a parameter: such files have no
+``pos_embedding`` and ``common.merge_params`` refuses a file that has one, so vitlab's
+``posemb="sincos2d"`` models read and write none. Its ``pool_type="map"`` adds
+``MAPHead_0/{probe, MultiHeadDotProductAttention_0/{query,key,value,out}, LayerNorm_0,
+MlpBlock_0}`` (vitlab's ``attn_pool``: query from the probe, key and value from the tokens).
+
 Numerics of both: ``nn.gelu`` is the tanh approximation, LayerNorm eps 1e-6, inputs in [-1, 1],
 position embeddings resampled with ``scipy.ndimage.zoom(order=1)`` (vitlab's ``"scipy"`` mode).
 
 The R50+ViT hybrid files (``vit_jax/models_vit.py`` with ``models_resnet.py``) add a ResNet
 before the 1x1 ``embedding`` conv: ``conv_root``, ``gn_root``, ``block{s}/unit{u}/{conv,gn}{1,2,3}``
-and ``{conv,gn}_proj`` (both 1-based). ``STEM_KEY_MAPS`` holds, per config type, the entries a
+and ``{conv,gn}_proj`` (both 1-based). Their GroupNorm ``scale``/``bias`` are (1, 1, 1, C) (old
+``flax.nn``; vit_jax's ``checkpoint._fix_groupnorm`` squeezes them), read as (C,) and written
+as (C,), the shape of the current linen model. ``STEM_KEY_MAPS`` holds, per config type, the entries a
 convolutional stem adds to the encoder's (``hybrid_stem`` for ``HybridConfig``); ``config_fields``
 reads the ResNet depths and width from those names and shapes. The hybrid's numerics: flax
 GroupNorm eps 1e-6, weight standardisation (w - mean) / (std + 1e-5).
@@ -35,11 +43,11 @@ from typing import Any
 
 import torch
 
-from ..config import HybridConfig, ViTConfig, as_pair
-from ..models.posemb import sincos_2d
+from ..config import HybridConfig, ViTConfig
+from ..models.posemb import sincos_posemb
 from .files import read_npz
-from .keymap import (Entry, conv_from_hwio, conv_to_hwio, dense, flatten, fused, one, out_kernel_in, out_kernel_out,
-                     qkv_kernel_in, qkv_kernel_out, unflatten, units_per_stage)
+from .keymap import (Entry, conv_from_hwio, conv_to_hwio, dense, flatten, fused, norm_vector, one, out_kernel_in,
+                     out_kernel_out, qkv_kernel_in, qkv_kernel_out, unflatten, units_per_stage)
 
 NAMES = {
     "official": dict(posemb="Transformer/posembed_input/pos_embedding", attn="MultiHeadDotProductAttention_1",
@@ -52,6 +60,7 @@ PREFIXES = ("params/img/", "params/", "opt/target/")
 # Config type name -> extra entries for a convolutional stem (filled below: the R50 hybrid).
 STEM_KEY_MAPS: dict[str, Callable[[Any], list[Entry]]] = {}
 UNIT = r"block(\d+)/unit(\d+)/"
+MAP = "MAPHead_0/"
 
 
 @dataclass
@@ -140,10 +149,13 @@ def config_fields(src: NpzSource, image_size: int | tuple[int, int] | None = Non
     block = "Transformer/encoderblock_0/"
     query = _need(src, f"{block}{names['attn']}/query/kernel")  # (D, heads, head_dim)
     class_token = "cls" in src.tensors
+    sincos = src.flavour == "big_vision" and names["posemb"] not in src.tensors
+    if sincos:
+        src.notes.append("no pos_embedding: big_vision posemb='sincos2d', a fixed table computed for the input size")
     fields: dict[str, Any] = dict(
         patch_size=patch, in_channels=channels, width=width, depth=depth, num_heads=query.shape[1],
-        mlp_dim=_need(src, f"{block}{names['mlp']}/Dense_0/kernel").shape[1],
-        class_token=class_token, pool="token" if class_token else "gap",
+        mlp_dim=_need(src, f"{block}{names['mlp']}/Dense_0/kernel").shape[1], posemb="sincos2d" if sincos else "learn",
+        class_token=class_token, pool="map" if f"{MAP}probe" in src.tensors else "token" if class_token else "gap",
         qkv_bias=f"{block}{names['attn']}/query/bias" in src.tensors,
         representation_size=src.tensors["pre_logits/kernel"].shape[1] if "pre_logits/kernel" in src.tensors else None,
         num_classes=src.tensors["head/bias"].shape[0] if "head/bias" in src.tensors else 0,
@@ -167,14 +179,6 @@ def config_fields(src: NpzSource, image_size: int | tuple[int, int] | None = Non
     return cls, fields
 
 
-def fill_sincos(src: NpzSource, cfg: ViTConfig) -> None:
-    """big_vision ``posemb="sincos2d"`` stores no position embedding: write the fixed table it uses."""
-    if src.flavour == "big_vision" and "pos_embedding" not in src.tensors:
-        src.tensors["pos_embedding"] = sincos_2d(cfg.grid_size, cfg.width)[None]
-        src.notes.append(f"no pos_embedding: big_vision posemb='sincos2d' assumed, filled for a "
-                         f"{as_pair(cfg.image_size)} input (pass image_size to choose another)")
-
-
 def _linear(ours: str, theirs: str) -> list[Entry]:
     return [one(f"{ours}.weight", f"{theirs}/kernel", dense, dense), one(f"{ours}.bias", f"{theirs}/bias")]
 
@@ -183,7 +187,34 @@ def _norm(ours: str, theirs: str) -> list[Entry]:
     return [one(f"{ours}.weight", f"{theirs}/scale"), one(f"{ours}.bias", f"{theirs}/bias")]
 
 
+def _gn(ours: str, theirs: str) -> list[Entry]:
+    """A hybrid GroupNorm: (1, 1, 1, C) in the released files or (C,), written as (C,)."""
+    return [one(f"{ours}.weight", f"{theirs}/scale", norm_vector), one(f"{ours}.bias", f"{theirs}/bias", norm_vector)]
+
+
+def _map_head(cfg: ViTConfig) -> list[Entry]:
+    """big_vision's ``MAPHead_0`` <-> ``attn_pool``: probe, attention (``q`` from the probe, fused
+    ``kv`` from the tokens), LayerNorm, MLP."""
+    heads, attn = cfg.num_heads, f"{MAP}MultiHeadDotProductAttention_0/"
+    bias_in, bias_out = flatten, unflatten(heads, cfg.width // heads)
+    return [one("attn_pool.latent", f"{MAP}probe"),
+            one("attn_pool.q.weight", f"{attn}query/kernel", qkv_kernel_in, qkv_kernel_out(heads)),
+            one("attn_pool.q.bias", f"{attn}query/bias", bias_in, bias_out),
+            fused("attn_pool.kv.weight", [f"{attn}key/kernel", f"{attn}value/kernel"], qkv_kernel_in,
+                  qkv_kernel_out(heads)),
+            fused("attn_pool.kv.bias", [f"{attn}key/bias", f"{attn}value/bias"], bias_in, bias_out),
+            one("attn_pool.proj.weight", f"{attn}out/kernel", out_kernel_in, out_kernel_out(heads)),
+            one("attn_pool.proj.bias", f"{attn}out/bias"),
+            *_norm("attn_pool.norm", f"{MAP}LayerNorm_0"),
+            *_linear("attn_pool.mlp.fc1", f"{MAP}MlpBlock_0/Dense_0"),
+            *_linear("attn_pool.mlp.fc2", f"{MAP}MlpBlock_0/Dense_1")]
+
+
 def _posemb(cfg: ViTConfig, flavour: str) -> list[Entry]:
+    if flavour == "big_vision" and cfg.posemb == "sincos2d":  # computed on import, not written on export
+        table = Entry(("pos_embed",), (), lambda ts: [sincos_posemb(cfg.grid_size, cfg.width, cfg.num_prefix_tokens)],
+                      lambda ts: [])
+        return ([one("cls_token", "cls")] if cfg.class_token else []) + [table]
     if flavour == "official":
         return ([one("cls_token", "cls")] if cfg.class_token else []) + [one("pos_embed", NAMES[flavour]["posemb"])]
     if not cfg.class_token:
@@ -204,7 +235,7 @@ def _conv(ours: str, theirs: str) -> Entry:
 def hybrid_stem(cfg: HybridConfig) -> list[Entry]:
     """The hybrid's ResNet: ``patch_embed.{conv_root,gn_root,stages.s.u.*}`` <-> ``conv_root``,
     ``gn_root``, ``block{s+1}/unit{u+1}/*`` (its 1x1 ``embedding`` is the encoder's)."""
-    entries = [_conv("patch_embed.conv_root", "conv_root"), *_norm("patch_embed.gn_root", "gn_root")]
+    entries = [_conv("patch_embed.conv_root", "conv_root"), *_gn("patch_embed.gn_root", "gn_root")]
     cin = cfg.resnet_width
     for s, units in enumerate(cfg.resnet_layers):
         cout = 4 * cfg.resnet_width * 2**s
@@ -212,7 +243,7 @@ def hybrid_stem(cfg: HybridConfig) -> list[Entry]:
             ours, theirs = f"patch_embed.stages.{s}.{u}.", f"block{s + 1}/unit{u + 1}/"
             for name in ("1", "2", "3") if u or (s == 0 and cin == cout) else ("1", "2", "3", "_proj"):
                 entries += [_conv(f"{ours}conv{name}", f"{theirs}conv{name}"),
-                            *_norm(f"{ours}gn{name}", f"{theirs}gn{name}")]
+                            *_gn(f"{ours}gn{name}", f"{theirs}gn{name}")]
         cin = cout
     return entries
 
@@ -242,6 +273,8 @@ def key_map(cfg: ViTConfig, flavour: str) -> list[Entry]:
         entries += _linear(ours + "mlp.fc1", f"{theirs}{names['mlp']}/Dense_0")
         entries += _linear(ours + "mlp.fc2", f"{theirs}{names['mlp']}/Dense_1")
     entries += _norm("norm", "Transformer/encoder_norm")
+    if cfg.pool == "map":
+        entries += _map_head(cfg)
     if cfg.representation_size:
         entries += _linear("pre_logits.0", "pre_logits")
     if cfg.num_classes:
@@ -255,7 +288,10 @@ def check_exportable(cfg: ViTConfig, flavour: str) -> None:
         raise ValueError(f"{flavour} has no R50+ViT hybrid; export this model with --to official")
     if isinstance(cfg, HybridConfig) and cfg.num_groups != 32:
         raise ValueError(f"the official hybrid's GroupNorm has 32 groups; this model has num_groups={cfg.num_groups}")
-    if cfg.class_token and cfg.pool == "gap":
-        raise ValueError(f"the {flavour} ViT has no [class] token with pool='gap'; this model uses both")
+    if cfg.pool == "map" and flavour != "big_vision":
+        raise ValueError(f"the {flavour} ViT has no MAP head (pool='map'); export this model with --to big_vision")
+    if cfg.class_token and cfg.pool != "token":
+        raise ValueError(f"the {flavour} ViT has a [class] token only with pool='token'; this model has "
+                         f"class_token=True, pool={cfg.pool!r}")
     if not cfg.qkv_bias:
         raise ValueError(f"the {flavour} ViT always has query/key/value biases; this model has qkv_bias=False")

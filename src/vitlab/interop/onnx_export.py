@@ -16,6 +16,7 @@ from torch import nn
 
 from ..checkpoint import atomic_write
 from ..config import as_pair
+from ..models.posemb import sincos_2d
 from ..models.vit import VisionTransformer
 
 
@@ -34,11 +35,14 @@ class AnySize(nn.Module):
         prefix = cfg.num_prefix_tokens
         gh, gw = cfg.grid_size
         pos = m.pos_embed[:, prefix:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-        if cfg.posemb_mode == "scipy":
-            pos = F.interpolate(pos, size=grid, mode="bilinear", align_corners=True)
+        if cfg.posemb == "sincos2d":  # recomputed for the grid, as set_image_size does
+            x = x + sincos_2d(tuple(grid), cfg.width).to(x)
         else:
-            pos = F.interpolate(pos, size=grid, mode=cfg.posemb_mode, align_corners=False)
-        x = x + pos.flatten(2).transpose(1, 2)
+            if cfg.posemb_mode == "scipy":
+                pos = F.interpolate(pos, size=grid, mode="bilinear", align_corners=True)
+            else:
+                pos = F.interpolate(pos, size=grid, mode=cfg.posemb_mode, align_corners=False)
+            x = x + pos.flatten(2).transpose(1, 2)
         if m.cls_token is not None:
             cls = m.cls_token + m.pos_embed[:, :prefix]
             x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)

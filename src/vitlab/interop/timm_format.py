@@ -2,13 +2,14 @@
 hybrids (``vision_transformer_hybrid.py``: ``vit_base_r50_s16_224``, ``vit_small_r26_s32_224``,
 ``vit_tiny_r_s16_p8_224``, ...) and the BiT ``ResNetV2`` (``resnetv2.py``: ``resnetv2_50x1_bit``, ...).
 
-vitlab's ViT module names follow timm's, so the table is a rename only for the old
-representation layer (``pre_logits.fc``, timm < 0.6) and, in ResNets, for timm's
-``stem.``/``blocks.``/``norm{i}``/``downsample.{conv,norm}`` names (``NAMES``); BiT's head is a
-1x1 conv in timm. timm's numerics: exact GELU, LayerNorm eps 1e-6, GroupNorm eps 1e-5,
-weight standardisation sqrt(var + 1e-8). A state dict records neither the number of heads
-nor the input normalisation: the heads come from the paper's table by width (else head_dim
-64), the normalisation defaults to mean = std = 0.5 (the AugReg and BiT weights); override either.
+vitlab's ViT module names follow timm's (``attn_pool.*`` too: timm's ``global_pool="map"``), so
+the table is a rename only for the old representation layer (``pre_logits.fc``, timm < 0.6)
+and, in ResNets, for timm's ``stem.``/``blocks.``/``norm{i}``/``downsample.{conv,norm}`` names
+(``NAMES``); BiT's head is a 1x1 conv in timm. timm's numerics: exact GELU, LayerNorm eps
+1e-6, GroupNorm eps 1e-5, weight standardisation sqrt(var + 1e-8). A state dict records
+neither the number of heads nor the input normalisation: the heads come from the paper's
+table by width (else head_dim 64), the normalisation defaults to mean = std = 0.5 (the AugReg
+and BiT weights); override either.
 """
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def config_fields(tensors: dict[str, torch.Tensor], source: str, notes: list[str
         stride *= 4 * 2 ** max(len(layers) - 1, 0)  # as HybridConfig.feature_stride
     return (HybridConfig if resnet else ViTConfig), dict(
         **resnet, image_size=side * stride, patch_size=patch, in_channels=channels, width=width, depth=depth,
-        num_heads=num_heads, mlp_dim=mlp_dim, class_token=class_token, pool="token" if class_token else "gap",
+        num_heads=num_heads, mlp_dim=mlp_dim, class_token=class_token,
+        pool="map" if "attn_pool.latent" in tensors else "token" if class_token else "gap",
         qkv_bias="blocks.0.attn.qkv.bias" in tensors,
         representation_size=rep.shape[0] if rep is not None else None,
         num_classes=head.shape[0] if head is not None else 0,

@@ -58,3 +58,9 @@ def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10_000.0) ->
     y = y.flatten()[:, None] * omega[None, :]
     x = x.flatten()[:, None] * omega[None, :]
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+def sincos_posemb(grid: tuple[int, int], width: int, num_prefix_tokens: int) -> torch.Tensor:
+    """``posemb="sincos2d"``: the table (1, prefix + gh*gw, width), zero in the prefix slots
+    (big_vision adds it before the [class] token)."""
+    return torch.cat([torch.zeros(num_prefix_tokens, width), sincos_2d(grid, width)])[None]

@@ -2,6 +2,7 @@
 
 Image -> P x P patches -> linear projection -> prepend [class] -> add learned position
 embeddings -> pre-norm Transformer encoder -> final LayerNorm -> pool -> head.
+big_vision's variants too: fixed sin-cos position embeddings, attention pooling (MAP).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViTConfig, as_pair, replace_checked
-from .posemb import resample_posemb
+from .posemb import resample_posemb, sincos_posemb
 
 # The paper's Table 1, plus smaller widths for small images: width, depth, mlp_dim, heads.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -200,6 +201,42 @@ class Mlp(nn.Module):
         return fused_linear(fused_linear(x, self.fc1, gelu=self.act.approximate), self.fc2, residual=residual)
 
 
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision's ``MAPHead``; timm's ``attn_pool`` names): a
+    learned probe ``latent`` attends to the tokens (query from the probe, keys and values from
+    the tokens), then y + MLP(LN(y)). (B, N, D) -> (B, D)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d = cfg.width
+        self.num_heads = cfg.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, d))
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)  # rows: keys, then values
+        self.proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg)
+
+    def init_weights(self) -> None:
+        """big_vision's: xavier-uniform probe and kernels (q, k, v each D x D), MLP biases near 0."""
+        d = self.latent.shape[-1]
+        nn.init.uniform_(self.latent, -math.sqrt(6 / (1 + d)), math.sqrt(6 / (1 + d)))
+        for w in (self.q.weight, *self.kv.weight.chunk(2), self.proj.weight, self.mlp.fc1.weight, self.mlp.fc2.weight):
+            nn.init.xavier_uniform_(w)
+        for b in (self.q.bias, self.kv.bias, self.proj.bias):
+            nn.init.zeros_(b)
+        nn.init.normal_(self.mlp.fc1.bias, std=1e-6)
+        nn.init.normal_(self.mlp.fc2.bias, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+        q = self.q(self.latent).reshape(1, 1, h, d // h).transpose(1, 2).expand(b, -1, -1, -1)  # (B, heads, 1, hd)
+        k, v = self.kv(x).reshape(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, hd)
+        y = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d))
+        return (y + self.mlp(self.norm(y)))[:, 0]
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample."""
 
@@ -255,11 +292,15 @@ class VisionTransformer(nn.Module):
         d = cfg.width
         self.patch_embed = self._make_patch_embed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_prefix_tokens + cfg.num_patches, d))
+        if cfg.posemb == "sincos2d":  # a buffer: not trained, but saved and exported like the learned one
+            self.register_buffer("pos_embed", sincos_posemb(cfg.grid_size, d, cfg.num_prefix_tokens))
+        else:
+            self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_prefix_tokens + cfg.num_patches, d))
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.attn_pool = MAPHead(cfg) if cfg.pool == "map" else None
         self.pre_logits = self._make_pre_logits(cfg)
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = zero_head(cfg.representation_size or d, cfg.num_classes)
@@ -286,7 +327,10 @@ class VisionTransformer(nn.Module):
         fan_in = self.patch_embed.proj.weight[0].numel()  # C x P x P (or the stem's channels x 1 x 1)
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1 / fan_in) / 0.87962566)
         nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.pos_embed, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=0.02)
+        if self.attn_pool is not None:
+            self.attn_pool.init_weights()
         for block in self.blocks:
             qkv = block.attn.qkv.weight
             bound = math.sqrt(6.0 / (qkv.shape[0] // 3 + qkv.shape[1]))  # q, k, v each D x D
@@ -320,12 +364,17 @@ class VisionTransformer(nn.Module):
                     f"call model.set_image_size(({h}, {w})) to resample the position embeddings"
                 )
             # Resampled in the graph, so gradients reach the stored grid.
-            grid = replace_checked(self.cfg, image_size=(h, w)).grid_size
-            pos_embed = resample_posemb(pos_embed, grid, num_prefix_tokens=self.cfg.num_prefix_tokens,
-                                        old_grid=self.cfg.grid_size, mode=self.cfg.posemb_mode)
+            pos_embed = self._posemb_at(pos_embed, replace_checked(self.cfg, image_size=(h, w)).grid_size)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos_embed)
+
+    def _posemb_at(self, pos_embed: torch.Tensor, grid: tuple[int, int], mode: str | None = None) -> torch.Tensor:
+        """Position embeddings for ``grid``: the sin-cos table there, or ``pos_embed`` resampled."""
+        if self.cfg.posemb == "sincos2d":
+            return sincos_posemb(grid, self.cfg.width, self.cfg.num_prefix_tokens).to(pos_embed)
+        return resample_posemb(pos_embed, grid, num_prefix_tokens=self.cfg.num_prefix_tokens,
+                               old_grid=self.cfg.grid_size, mode=mode or self.cfg.posemb_mode)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> encoded tokens after the final norm (B, prefix + N, D).
@@ -340,9 +389,12 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, prefix + N, D) -> (B, D): the [class] token, or the mean of the patch tokens."""
+        """(B, prefix + N, D) -> (B, D): the [class] token, the mean of the patch tokens, or their
+        attention pooling (``pool="map"``)."""
         if self.cfg.pool == "token":
             return tokens[:, 0]
+        if self.cfg.pool == "map":
+            return self.attn_pool(tokens[:, self.cfg.num_prefix_tokens :])
         return tokens[:, self.cfg.num_prefix_tokens :].mean(dim=1)
 
     def forward_head(self, pooled: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
@@ -379,19 +431,13 @@ class VisionTransformer(nn.Module):
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
 
     def set_image_size(self, image_size: int | tuple[int, int], mode: str | None = None) -> None:
-        """Resample the position embeddings for a new input size (class token kept)."""
-        mode = mode or self.cfg.posemb_mode
+        """Resample the position embeddings for a new input size (class token kept); a sin-cos
+        table is recomputed for the new grid."""
         new_cfg = replace_checked(self.cfg, image_size=image_size)
-        posemb = resample_posemb(
-            self.pos_embed.data,
-            new_cfg.grid_size,
-            num_prefix_tokens=self.cfg.num_prefix_tokens,
-            old_grid=self.cfg.grid_size,
-            mode=mode,
-        )
-        self.pos_embed = nn.Parameter(posemb)
+        posemb = self._posemb_at(self.pos_embed.data, new_cfg.grid_size, mode)
+        self.pos_embed = posemb if self.cfg.posemb == "sincos2d" else nn.Parameter(posemb)
         self.cfg = new_cfg
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token"} | ({"attn_pool.latent"} if self.attn_pool is not None else set())
