@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import threading
 from pathlib import Path
@@ -233,3 +234,56 @@ def test_cli_predict_eval_export_and_convert_by_name(hub, tmp_path, capsys):
     assert main(["eval", "--model", "vit_mu4_32px.test_gcs"]) == 2
     assert "is a released model; pass --data" in capsys.readouterr().err
 
+
+
+FAMILIES = {  # preset, its config changes, format, labels: one released layout each, at a tiny size
+    "orig_in21k": ("vit_mu4_32px", {"num_classes": 21843, "representation_size": 128, "gelu": "tanh"}, "official",
+                   "imagenet21k"),
+    "big_vision_map": ("vit_mu4_32px", {"pool": "map", "class_token": False, "gelu": "tanh"}, "big_vision", "cifar10"),
+    "hybrid": ("r8_vit_mu4_32px", {"gelu": "tanh", "resnet_width": 32, "num_groups": 32}, "official", "cifar10"),
+    "bit": ("bit_r26x1_32px", {"num_groups": 32, "stem_width": 32, "stem_kernel": 7, "stem_pool": True}, "bit", "cifar10"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_loads_by_name_from_its_released_layout(hub, family, monkeypatch):
+    preset, changes, fmt, label_list = FAMILIES[family]
+    model = randomise(vitlab.create_model(preset, **changes))
+    path = f"vit_models/test/{family}.npz"
+    export_model(model, hub.root / "bucket" / path, fmt)
+    extra = hub.root / f"{family}.json"
+    row = entry({"gcs": path}, fmt, architecture=preset, num_classes=model.cfg.num_classes, labels=label_list)
+    extra.write_text(json.dumps({"models": {f"{preset}.test_{family}": row}}))
+    monkeypatch.setenv("VITLAB_CATALOG", f"{hub.root / 'catalog.json'}{os.pathsep}{extra}")
+    loaded = vitlab.hub.load_pretrained(f"{preset}.test_{family}", progress=False)
+    if fmt == "bit":  # BiT's .npz records GroupNorm numerics of its own: compare with a direct import
+        model = import_model(hub.root / "bucket" / path, "bit", image_size=32)[0]
+    torch.testing.assert_close(logits(loaded.model), logits(model), atol=1e-4, rtol=1e-4)
+    assert loaded.class_names == vitlab.hub.labels(label_list)
+
+
+INDEX_COLUMNS = ("name,ds,epochs,lr,aug,wd,do,sd,best_val,final_val,final_test,adapt_ds,adapt_lr,adapt_steps,"
+                 "adapt_resolution,adapt_final_val,adapt_final_test,params,infer_samples_per_sec,filename,adapt_filename")
+
+
+def test_augreg_index_is_picked_as_the_official_colab(hub, capsys):
+    up = {"a": "Mu_4-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0",
+          "b": "Mu_4-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0"}
+    rows = [INDEX_COLUMNS]
+    for run, final_val in (("a", 0.40), ("b", 0.45)):  # b is the better upstream by validation
+        for lr, val in ((0.01, 0.90), (0.003, 0.93)):  # the second adaptation is better on val
+            name = f"{up[run]}--cifar100-steps_10k-lr_{lr}-res_384"
+            rows.append(f"B/16,i21k,300,0.001,{'light1' if run == 'a' else 'none'},0.1,0.0,0.0,{final_val},"
+                        f"{final_val},0.4,cifar100,{lr},10000,384,{val},{val - 0.01},86000000,100,{up[run]},{name}")
+    index = hub.root / "bucket" / "vit_models" / "augreg" / "index.csv"
+    index.parent.mkdir(parents=True)
+    index.write_text("\n".join(rows) + "\n")
+    assert main(["hub", "list", "--augreg", "--upstream", "i21k", "--downstream", "cifar100", "--json"]) == 0
+    picked = json.loads(capsys.readouterr().out)
+    assert [r["adapt_filename"] for r in picked] == [f"{up['b']}--cifar100-steps_10k-lr_0.003-res_384"]
+    assert main(["hub", "list", "--augreg", "--downstream", "imagenet2012", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    entry = vitlab.hub.entry_for(f"augreg:{picked[0]['adapt_filename']}")
+    assert (entry.architecture, entry.image_size, entry.num_classes, entry.labels) == ("vit_b16", 384, 100, "cifar100")
+    assert entry.source["gcs"] == f"vit_models/augreg/{picked[0]['adapt_filename']}.npz"
+    assert entry.accuracy["top1"] == 92.0
