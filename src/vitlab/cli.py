@@ -422,7 +422,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
+    parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list model presets with parameters and FLOPs")
@@ -577,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The optional extras of pyproject.toml and the modules each brings.
+EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "bench": ("timm", "transformers")}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -590,6 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:  # NaN / inf: the last good checkpoint is kept
         print0(f"vitlab {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as err:  # an optional extra that is not installed
+        extra = next((e for e, mods in EXTRAS.items() if (err.name or "").split(".")[0] in mods), None)
+        if extra is None:
+            raise
+        print(f"vitlab {args.command}: error: this needs {err.name}, which is not installed: "
+              f"pip install 'vitlab[{extra}]'", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into `head`: stop quietly
         sys.stderr.close()
         return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -13,6 +14,17 @@ Posemb = Literal["learn", "sincos2d"]
 Gelu = Literal["exact", "tanh"]
 PosembMode = Literal["bilinear", "bicubic", "scipy"]
 WsForm = Literal["var", "std"]
+
+
+def check_numbers(cfg: Any, *, signed: tuple[str, ...] = ()) -> None:
+    """Every float field of a config (and every float in a tuple field) is finite, and >= 0 unless
+    named in ``signed``: ``--lr inf`` or ``--weight-decay -1`` fail here, naming the field."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not (math.isfinite(v) and (v >= 0 or f.name in signed)):
+                raise ValueError(f"invalid {type(cfg).__name__}: {f.name} = {value}; it must be a finite number"
+                                 + ("" if f.name in signed else " >= 0"))
 
 
 def as_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -61,6 +73,7 @@ class ViTConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
+        check_numbers(self, signed=("mean",))
         h, w = as_pair(self.image_size)
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
@@ -122,6 +135,7 @@ class BiTConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
+        check_numbers(self, signed=("mean",))
         if not self.layers or min(self.layers) < 1:
             raise ValueError(f"layers must be a non-empty tuple of positive unit counts, got {self.layers}")
         if self.stem_kernel < 1 or self.stem_stride < 1:

@@ -102,10 +102,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
     from .hub import is_pretrained_name, load_model
     from .train import CONFIG_FILE, load_run_config, resolve_device
 
+    named = isinstance(checkpoint, str) and not Path(checkpoint).exists() and is_pretrained_name(checkpoint)
+    if not named and not Path(checkpoint).exists():
+        raise FileNotFoundError(f"{checkpoint} does not exist: pass a run directory, a model file or --model NAME")
     run_cfg = load_run_config(checkpoint) if (Path(checkpoint) / CONFIG_FILE).is_file() else None
     if data is None and run_cfg is None:
-        what = ("a released model" if isinstance(checkpoint, str) and not Path(checkpoint).exists()
-                and is_pretrained_name(checkpoint) else "a model file, not a run directory")
+        what = "a released model" if named else "a model file, not a run directory"
         raise ValueError(f"{checkpoint} is {what}; pass --data PATH")
     dev = resolve_device(device)
     loaded = load_model(checkpoint, map_location=dev)
@@ -120,7 +122,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
                          f"{splits.class_names[:5]}...; evaluate on the data the model was trained for")
     available = {name: ds for name, ds in (("test", splits.test), ("val", splits.val), ("train", splits.train))
                  if ds is not None}
+    if split is None and "train" == next(iter(available)):
+        raise ValueError(f"{data_cfg.path} has no test or val split; pass --split train to score the training "
+                         f"images (that is not a held-out accuracy)")
     split = split or next(iter(available))
+    if split == "train":
+        log(f"scoring the TRAIN split of {data_cfg.path}: the model has seen these images, this is not a "
+            f"held-out accuracy")
     if split not in available:
         raise ValueError(f"{data_cfg.path} has no {split!r} split; available: {', '.join(available)}")
     loader = Loader(available[split], data_cfg, batch_size=batch_size, train=False,

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .config import check_numbers
+
 Optimizer = Literal["adamw", "adam", "sgd"]
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -35,6 +37,7 @@ class OptimConfig:
     clip_grad_norm: float = 1.0  # global-norm clipping; 0 disables
 
     def __post_init__(self) -> None:
+        check_numbers(self, signed=("mean",))
         checks = [
             (self.optimizer in ("adamw", "adam", "sgd"), "optimizer must be adamw, adam or sgd"),
             (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),

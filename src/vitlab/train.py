@@ -14,6 +14,7 @@ function of the step, so the state above is all a run needs to continue bit for 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -37,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import atomic_write, load_state, save_model, save_state, write_json
-from .config import as_pair, from_dict, replace_checked, to_dict
+from .config import as_pair, check_numbers, from_dict, replace_checked, to_dict
 from .data import DataConfig, Loader, build_data
 from .data.loader import derive_seed
 from .distributed import (barrier, broadcast_object, init_distributed, load_model_state, load_optimizer_state,
@@ -46,10 +47,11 @@ from .distributed import (barrier, broadcast_object, init_distributed, load_mode
 from .evaluate import evaluate
 from .models import build_model, get_spec
 from .optim import OptimConfig, build_optimizer, lr_at, update_ema
+from .run import CONFIG_FILE, METRICS_FILE, STATE_FILE, RunLock, check_run_dir
 from .plots import plot_curves
 from .transfer import freeze, load_pretrained
 
-CONFIG_FILE, STATE_FILE, METRICS_FILE, CURVES_FILE = "config.json", "state.pt", "metrics.jsonl", "curves.png"
+CURVES_FILE = "curves.png"
 LAST_FILE, BEST_FILE = "last.safetensors", "best.safetensors"
 PLOT_EVERY_S = 60.0  # curves.png is redrawn after an evaluation at most this often, and at the end
 
@@ -97,6 +99,7 @@ class TrainConfig:
     train_blocks: int = -1  # fine-tuning: train only the last K blocks + head (0: head only); -1: all
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         checks = [
             (self.batch_size >= 1 and self.accum_steps >= 1, "batch_size and accum_steps must be >= 1"),
             (self.batch_size % self.accum_steps == 0,
@@ -590,6 +593,11 @@ def save_checkpoint(run: Path, state: TrainState, eval_model: nn.Module, *, step
     Every process calls it (a sharded model gathers its weights); only ``is_main`` writes.
     """
     full = state.state_dict(steps_per_epoch, config)
+    bad = [k for k, v in full["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # never write (or call good) weights that diverged: the previous checkpoint stays
+        raise TrainingDiverged(f"{len(bad)} of {len(full['model'])} weight tensors are not finite at step "
+                               f"{state.step} ({bad[0]}, ...); the last good checkpoint in {run} is kept; "
+                               f"lower --lr or check the data")
     if is_main:
         weights = full["ema"] if state.ema is not None else full["model"]  # eval_model's weights
         save_model(unwrap(eval_model), run / LAST_FILE, state_dict=weights, class_names=class_names, meta=meta)
@@ -617,10 +625,16 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     log = log if is_main else (lambda message: None)
     run = Path(broadcast_object(str(run_dir), env))  # rank 0's name (a default name holds the time)
     start_time = time.perf_counter()
-    if not resume and ((run / CONFIG_FILE).exists() or (run / STATE_FILE).exists()):
-        raise ValueError(f"{run} already holds a run; continue it with `vitlab train --resume {run}` "
-                         f"or pass another --out")
+    if is_main:
+        check_run_dir(run, resume=resume)
     barrier()  # every process has looked before rank 0 writes there
+    with RunLock(run) if is_main else contextlib.nullcontext():  # one process per run directory
+        return _train(cfg, run, env, resume=resume, log=log, start_time=start_time)
+
+
+def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable[[str], None],
+           start_time: float) -> TrainResult:
+    rank, world_size, device, is_main = env.rank, env.world_size, env.device, env.is_main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -628,6 +642,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     data_cfg = cfg.data_config()
     cfg = dataclasses.replace(cfg, data=data_cfg)  # config.json shows the image size and seed really used
     data = build_data(data_cfg, log=log)
+    if data.num_classes < 2:
+        raise ValueError(f"{data_cfg.path} holds {data.num_classes} class ({', '.join(data.class_names)}); a "
+                         f"classifier needs at least two class folders (root/<class>/<image>)")
     if cfg.batch_size % (cfg.accum_steps * world_size):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accum_steps x processes "
                          f"({cfg.accum_steps} x {world_size})")
@@ -662,11 +679,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     if resume:
         if not cfg.steps or cfg.time_budget:
             raise ValueError("resume needs the run's resolved config; use load_run_config(run_dir)")
-        if (run / STATE_FILE).exists():
-            state.load_state_dict(load_state(run / STATE_FILE), steps_per_epoch, str(run / STATE_FILE))
-            log(f"resuming {run} at step {state.step} of {state.pace.total if state.pace else cfg.steps}")
-        else:
-            log(f"{run} has no checkpoint yet; starting it from step 0")
+        state.load_state_dict(load_state(run / STATE_FILE), steps_per_epoch, str(run / STATE_FILE))
+        log(f"resuming {run} at step {state.step} of {state.pace.total if state.pace else cfg.steps}")
     else:
         cfg, sizing = resolve_length(cfg, steps_per_epoch, lambda: measure_speed(  # probing: <= ~5% of a budget
             model, cfg, loader, eval_loader, device, max_seconds=0.05 * parse_duration(cfg.time_budget or "1s")),
@@ -777,8 +791,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                         plotted = time.perf_counter()
                 if every(done, cfg.checkpoint_every) or done == pace.total or signum:
                     save_checkpoint(run, state, eval_model, steps_per_epoch=steps_per_epoch, config=config,
-                                    class_names=data.class_names, meta={"step": done, "model": cfg.model,
-                                                                        **(last_eval or {})}, is_main=is_main)
+                                    class_names=data.class_names, is_main=is_main, meta={
+                                        **{("eval_step" if k == "step" else k): v for k, v in (last_eval or {}).items()},
+                                        "step": done, "model": cfg.model})
                     saved_step = done
                 if signum:
                     shutdown()  # every process stops here, together

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import check_numbers
+
 CROPS = ("auto", "pad", "rrc", "none")
 
 
@@ -28,6 +30,7 @@ class DataConfig:
     cache_dir: str = "~/.cache/vitlab"
 
     def __post_init__(self) -> None:
+        check_numbers(self, signed=("mean",))
         checks = [
             (self.image_size >= 1, "image_size must be a positive number of pixels"),
             (0.0 <= self.val_split < 1.0, "val_split must be in [0, 1)"),

@@ -1,0 +1,81 @@
+"""A run directory: what may start or continue there, and the lock that keeps it to one process.
+
+A new run needs an empty (or new) folder; ``--resume`` needs a vitlab run with a checkpoint
+(``state.pt``). The process that trains holds an exclusive lock on ``RUN/.lock`` (``fcntl``; the
+holder's pid is written in it) for the whole run, so a second ``train`` or ``--resume`` of the same
+folder fails at once, naming the holder. Temporary files left by a killed write are removed when
+the next process takes the lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+LOCK_FILE = ".lock"
+CONFIG_FILE, STATE_FILE, METRICS_FILE = "config.json", "state.pt", "metrics.jsonl"
+
+
+def _describe(run: Path) -> str:
+    """What a folder holds, for error messages: ``config.json, metrics.jsonl (614 lines), ...``."""
+    parts = []
+    for f in sorted(p for p in run.iterdir() if p.name != LOCK_FILE):
+        if f.name == METRICS_FILE:
+            with open(f, "rb") as fh:
+                parts.append(f"{f.name} ({sum(1 for _ in fh)} lines)")
+        else:
+            parts.append(f.name + ("/" if f.is_dir() else ""))
+    return ", ".join(parts[:8]) + (", ..." if len(parts) > 8 else "")
+
+
+def check_run_dir(run: Path, *, resume: bool) -> None:
+    """Refuse what would lose or mix up a run: a foreign or occupied folder for a new run, a folder
+    without a checkpoint for ``--resume``."""
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out {run} is a file, not a folder; pass a new folder name")
+    holds = run.is_dir() and any(p.name != LOCK_FILE for p in run.iterdir())
+    if resume:
+        if not (run / CONFIG_FILE).is_file():
+            raise ValueError(f"{run} is not a vitlab run (no {CONFIG_FILE}); nothing to resume")
+        if not (run / STATE_FILE).is_file():
+            raise ValueError(f"{run} has no {STATE_FILE} to resume from (it holds {_describe(run)}); resuming "
+                             f"would start over and overwrite that history: start a new run with another --out")
+    elif holds:
+        if (run / CONFIG_FILE).is_file() or (run / STATE_FILE).is_file():
+            raise ValueError(f"{run} already holds a run; continue it with `vitlab train --resume {run}` "
+                             f"or pass another --out")
+        raise ValueError(f"{run} is not empty and is not a vitlab run (it holds {_describe(run)}); pass a new or "
+                         f"empty folder as --out")
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as the ``with`` block runs (``fcntl.flock``)."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"{self.run} is in use by process {holder}; wait for it to finish (or stop it), "
+                             f"then `vitlab train --resume {self.run}`") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        for pattern in (".*.tmp", ".tmp*"):  # left by a killed write (atomic_write's and safetensors' temp files)
+            for tmp in self.run.glob(pattern):
+                tmp.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None

@@ -1,0 +1,191 @@
+"""Hostile cases (issue 23): each reproduces a failure that lost or corrupted a run, then shows it fixed."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitlab.train as train_module
+from helpers import write_cifar
+from vitlab.cli import main
+from vitlab.data import DataConfig
+from vitlab.run import RunLock
+from vitlab.train import TrainConfig, TrainingDiverged, train
+
+TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return write_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(data: Path, **kw) -> TrainConfig:
+    base = dict(model="vit_mu4_32px", model_overrides=dict(TINY), data=DataConfig(path=str(data)), batch_size=16,
+                steps=4, eval_every=2, checkpoint_every=2, threads=1, precision="fp32")
+    return TrainConfig(**{**base, **kw})
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_resume_without_state_refuses_and_keeps_history(cifar, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(cifar), run, log=quiet)
+    (run / "state.pt").unlink()
+    before, best = lines(run / "metrics.jsonl"), (run / "best.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "no state.pt" in err and "metrics.jsonl (" in err and err.count("\n") == 1
+    assert lines(run / "metrics.jsonl") == before and (run / "best.safetensors").read_bytes() == best
+
+
+def test_a_locked_run_directory_refuses_a_second_process(cifar, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(cifar), run, log=quiet)
+    capsys.readouterr()
+    with RunLock(run):  # as a running `vitlab train` holds it
+        assert main(["train", "--resume", str(run)]) == 2
+        assert f"is in use by process {os.getpid()}" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    with RunLock(fresh):
+        with pytest.raises(ValueError, match=f"in use by process {os.getpid()}"):
+            train(tiny(cifar), fresh, log=quiet)
+    assert not (fresh / "config.json").exists()
+
+
+def test_a_foreign_folder_is_never_written_into(cifar, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+    (foreign / "best.safetensors").write_bytes(b"someone else's")
+    args = ["train", "--model", "vit_mu4_32px", "--width", "32", "--depth", "1", "--mlp-dim", "64",
+            "--num-heads", "2", "--data", str(cifar), "--steps", "2", "--out", str(foreign)]
+    assert main(args) == 2
+    assert "is not empty and is not a vitlab run" in capsys.readouterr().err
+    assert (foreign / "metrics.jsonl").read_text() == '{"loss": 1.0}\n'
+    assert (foreign / "best.safetensors").read_bytes() == b"someone else's"
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    assert main([*args[:-1], str(afile)]) == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "-0.1"],
+                                    ["--label-smoothing", "nan"], ["--mixup", "-1"], ["--drop-path", "inf"]])
+def test_non_finite_and_negative_numbers_are_refused(cifar, tmp_path, capsys, option):
+    assert main(["train", "--recipe", "demo", "--data", str(cifar), "--out", str(tmp_path / "r"), *option]) == 2
+    err = capsys.readouterr().err
+    assert option[0].lstrip("-").replace("-", "_") in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_weights_that_are_not_finite_are_never_checkpointed(cifar, tmp_path, monkeypatch):
+    real = train_module.TrainState.state_dict
+
+    def poisoned(self, *args):
+        state = real(self, *args)
+        next(iter(state["model"].values())).fill_(float("inf"))
+        return state
+
+    monkeypatch.setattr(train_module.TrainState, "state_dict", poisoned)
+    with pytest.raises(TrainingDiverged, match="not finite.*last good checkpoint"):
+        train(tiny(cifar, steps=2), tmp_path / "run2", log=quiet)
+    assert not (tmp_path / "run2" / "last.safetensors").exists() and not (tmp_path / "run2" / "state.pt").exists()
+
+
+def test_last_checkpoint_records_its_own_step(cifar, tmp_path, monkeypatch):
+    seen = []
+    real = train_module.save_checkpoint
+
+    def spy(run, state, *args, meta, **kw):
+        seen.append((state.step, meta["step"]))
+        return real(run, state, *args, meta=meta, **kw)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", spy)
+    train(tiny(cifar, steps=3, eval_every=2, checkpoint_every=1), tmp_path / "run", log=quiet)
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_model_files_are_0644_and_killed_writes_are_cleaned(cifar, tmp_path):
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        train(tiny(cifar, steps=2), run, log=quiet)
+    finally:
+        os.umask(old)
+    for name in ("last.safetensors", "best.safetensors", "state.pt", "config.json"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name
+    leftovers = [run / ".state.pt.k1ll3d.tmp", run / ".tmpa1b2c3", run / ".last.safetensors.x.tmp"]
+    for f in leftovers:
+        f.write_bytes(b"partial")
+    train_module.resume(run, log=quiet)  # the run is complete: it only takes the lock and cleans up
+    assert not any(f.exists() for f in leftovers)
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 2
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("vitlab 0.")
+
+
+def test_a_one_class_folder_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "data" / "cat" / f"{i}.png")
+    assert main(["train", "--recipe", "demo", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r")]) == 2
+    assert "a classifier needs at least two class folders" in capsys.readouterr().err
+
+
+def test_eval_never_scores_the_train_split_silently(cifar, tmp_path, capsys):
+    from PIL import Image
+
+    for c in map(str, range(10)):  # the classes of the tiny CIFAR the model is trained on
+        (tmp_path / "only_train" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(tmp_path / "only_train" / c / f"{i}.png")
+    run = tmp_path / "run"
+    train(tiny(cifar, steps=2), run, log=quiet)
+    vitlab_file = run / "last.safetensors"
+    capsys.readouterr()
+    assert main(["eval", str(vitlab_file), "--data", str(tmp_path / "only_train")]) == 2
+    assert "no test or val split; pass --split train" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+
+
+def test_a_missing_extra_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kw):
+        if name.split(".")[0] in ("onnx", "onnxruntime", "onnxscript"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kw)
+
+    import vitlab
+    model_file = tmp_path / "m.safetensors"
+    vitlab.save_model(vitlab.create_model("vit_mu4_32px", width=32, depth=1, mlp_dim=64, num_heads=2), model_file)
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    assert main(["export", str(model_file), str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'vitlab[onnx]'" in err and err.count("\n") == 1
