@@ -189,3 +189,25 @@ def test_a_missing_extra_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     assert main(["export", str(model_file), str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "pip install 'vitlab[onnx]'" in err and err.count("\n") == 1
+
+
+def test_symlink_loops_are_followed_once_and_never_mislabel(tmp_path):
+    from PIL import Image
+
+    from vitlab.data import DataConfig, build_data
+
+    root = tmp_path / "data"
+    for c in ("cat", "dog"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(24):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(root / "train" / c / f"{i}.png")
+    (root / "train" / "cat" / "loop").symlink_to("..")       # back up the tree: the dog images, as cats
+    (root / "train" / "cat" / "self").symlink_to(".")        # itself, again and again
+    (root / "train" / "dog" / "self2").symlink_to("../dog")
+    (root / "train" / "cat" / "dogs").symlink_to("../dog")   # into another class
+    messages = []
+    data = build_data(DataConfig(path=str(root)), log=messages.append)
+    assert len(data.train) == 48
+    labels = data.train.labels.tolist()
+    assert labels.count(0) == 24 and labels.count(1) == 24
+    assert any("did not follow 4 link(s)" in m for m in messages)

@@ -95,6 +95,10 @@ def _folder_splits(root: Path, log: Callable[[str], None]):
 
 
 def _report_ignored(scans: dict[str, FolderScan], log: Callable[[str], None]) -> None:
+    links = [p for scan in scans.values() for p in scan.links]
+    if links:
+        log(f"did not follow {len(links)} link(s) that loop back, lead into another class's folder or repeat a "
+            f"folder, e.g. {', '.join(map(ascii, links[:3]))}")
     ignored = [p for scan in scans.values() for p in scan.ignored]
     if ignored:
         first = ", ".join(ignored[:3])

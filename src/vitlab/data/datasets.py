@@ -55,34 +55,64 @@ class ImageFolderDataset(Dataset):
 
 @dataclass
 class FolderScan:
-    """Image files per class of one ``root/<class>/...`` tree, and the non-image files ignored."""
+    """Image files per class of one ``root/<class>/...`` tree, the non-image files ignored, and the
+    symbolic links not followed (cycles, links into another class, a second path to one folder)."""
 
     root: Path
     files: dict[str, list[str]]  # class name -> sorted image paths
     ignored: list[str]
+    links: list[str] = field(default_factory=list)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def scan_class_folders(root: Path) -> FolderScan:
-    """List ``root/<class>/**`` image files; an empty class folder is a ValueError."""
+    """List ``root/<class>/**`` image files; an empty class folder is a ValueError.
+
+    Links are followed, but each real folder once, never back up the tree (a cycle) and never
+    into another class's folder (its images would get this class's label).
+    """
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class folders; expected {root}/<class>/<image> "
                          f"(or {root}/train/<class>/<image>)")
+    real = {name: os.path.realpath(root / name) for name in classes}
     files: dict[str, list[str]] = {}
     ignored: list[str] = []
+    links: list[str] = []
+    visited: set[str] = set()
+
+    def foreign(path: str, name: str) -> bool:
+        """A real path that is not this class's to take: another class's, or above this class folder."""
+        mine = real[name]
+        return (not _inside(path, mine) and any(_inside(path, r) for c, r in real.items() if c != name)) or \
+            (path != mine and _inside(mine, path))
+
     for name in classes:
         found = []
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            here = os.path.realpath(dirpath)
+            if here in visited or foreign(here, name):
+                links.append(dirpath)
+                dirnames[:] = []
+                continue
+            visited.add(here)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
                 if f.startswith("."):
                     continue
-                (found if is_image_file(f) else ignored).append(os.path.join(dirpath, f))
+                path = os.path.join(dirpath, f)
+                if os.path.islink(path) and foreign(os.path.realpath(path), name):
+                    links.append(path)
+                    continue
+                (found if is_image_file(f) else ignored).append(path)
         if not found:
             raise ValueError(f"class folder {root / name} has no images (JPEG, PNG, WebP or BMP); "
                              f"add images or remove the folder")
         files[name] = found
-    return FolderScan(root, files, ignored)
+    return FolderScan(root, files, ignored, links)
 
 
 def folder_dataset(scan: FolderScan, class_names: list[str]) -> ImageFolderDataset:
