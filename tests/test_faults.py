@@ -211,3 +211,114 @@ def test_symlink_loops_are_followed_once_and_never_mislabel(tmp_path):
     labels = data.train.labels.tolist()
     assert labels.count(0) == 24 and labels.count(1) == 24
     assert any("did not follow 4 link(s)" in m for m in messages)
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(cifar, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "cifar-10-batches-bin"
+    shutil.copytree(cifar, data)
+    run = tmp_path / "run"
+    train(tiny(data, steps=2), run, log=quiet)
+    batch = data / "data_batch_1.bin"
+    swapped = bytearray(batch.read_bytes())
+    swapped[1:100] = bytes(99)  # same size, other pixels
+    batch.write_bytes(bytes(swapped))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "the training data changed" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--allow-data-change"]) == 0
+
+
+def test_a_small_file_declaring_a_giant_model_allocates_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    import vitlab
+    from vitlab.config import to_dict
+    from vitlab.models import model_config
+
+    small = vitlab.create_model("vit_mu4_32px", width=32, depth=1, mlp_dim=64, num_heads=2)
+    giant = to_dict(model_config("vit_h14", num_classes=21843))
+    path = tmp_path / "hostile.safetensors"
+    tensors = {k: v.contiguous() for k, v in small.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "vitlab", "config_type": "ViTConfig",
+                                            "config": json.dumps(giant), "class_names": "null", "meta": "{}"})
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="does not fit this model"):
+        vitlab.load_model(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no 2.5 GB model built
+
+
+@pytest.mark.parametrize("drop, changes, field", [
+    ("config_type", {}, "no 'config_type'"),
+    ("", {"config": "{not json"}, "'config' is not valid JSON"),
+    ("", {"config": '{"width": "abc"}'}, "'config' does not describe a model"),
+    ("", {"config_type": "NoSuchConfig"}, "'config' does not describe a model"),
+    ("", {"class_names": '["just one"]'}, "'class_names' must list 10 names"),
+])
+def test_hostile_model_metadata_gets_one_line_errors(tmp_path, drop, changes, field):
+    from safetensors.torch import save_file
+
+    import vitlab
+    from vitlab.config import to_dict
+
+    model = vitlab.create_model("vit_mu4_32px", width=32, depth=1, mlp_dim=64, num_heads=2)
+    metadata = {"format": "vitlab", "config_type": "ViTConfig", "config": json.dumps(to_dict(model.cfg)), **changes}
+    metadata.pop(drop, None)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=field) as err:
+        vitlab.load_model(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hf_index_shard_outside_the_folder_is_refused(tmp_path):
+    import vitlab
+    from vitlab.interop import export_model, import_model
+
+    folder = tmp_path / "hf"
+    export_model(vitlab.create_model("vit_mu4_32px", width=32, depth=1, mlp_dim=64, num_heads=2), folder)
+    outside = tmp_path / "outside.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../outside.safetensors"}}))
+    with pytest.raises(ValueError, match="outside"):
+        import_model(folder)
+
+
+def test_eval_of_a_read_only_run_prints_its_metrics(cifar, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import vitlab.plots
+
+    run = tmp_path / "run"
+    train(tiny(cifar, steps=2), run, log=quiet)
+    capsys.readouterr()
+
+    def read_only(confusion, names, path, **kw):  # what a read-only mount does to the PNG (root can write anywhere)
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(vitlab.plots, "plot_confusion", read_only)
+    assert main(["eval", str(run), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["num_images"] == 20 and "Read-only file system" in captured.err
+    (run / "sub").mkdir()
+    assert main(["train", "--resume", str(run / "last.safetensors")]) == 2  # a file, not a run: one line
+
+
+def test_non_utf8_file_names_are_escaped_not_fatal(cifar, tmp_path, capsys):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    train(tiny(cifar, steps=2), run, log=quiet)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "ok.png")
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    Image.new("RGB", (32, 32)).save(images / name)
+    (images / os.fsdecode(b"bad\xff.png")).write_bytes(b"not an image")
+    capsys.readouterr()
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(images), "--output", str(out)]) == 0
+    rows = out.read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 3 and any("caf\\udce9.png" in r for r in rows)

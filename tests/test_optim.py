@@ -34,7 +34,7 @@ def test_warmup_fraction_and_lr_scaling():
     cfg = OptimConfig(lr=1e-3, lr_batch_size=4096, warmup_fraction=0.05)
     assert cfg.peak_lr(512) == pytest.approx(1e-3 / 8)
     assert cfg.warmup(1000) == 50
-    assert OptimConfig(warmup_steps=10_000).warmup(500) == 500  # never longer than the run
+    assert OptimConfig(warmup_steps=10_000).warmup(500) == 50  # shorter than its warm-up: a tenth, then the decay
     with pytest.raises(ValueError, match="not both"):
         OptimConfig(warmup_steps=10, warmup_fraction=0.1)
 

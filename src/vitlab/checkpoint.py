@@ -126,6 +126,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
     """``load_state_dict`` with an error that names the first mismatching key and both shapes."""
+    check_fits(model, state, source=source)
+    model.load_state_dict(state)
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Every key of ``model`` in ``state`` with its shape, and nothing else (works on the meta device)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -140,20 +146,48 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], *,
             f"{source} does not fit this model: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    model.load_state_dict(state)
+
+
+def _metadata_json(file: Path, metadata: dict[str, str], key: str, default: str | None = None) -> Any:
+    """One JSON field of a model file's metadata; a missing or unreadable one names the file and field."""
+    if key not in metadata and default is None:
+        raise ValueError(f"{file} has no {key!r} in its metadata; is it a vitlab model file? (`vitlab convert`)")
+    try:
+        return json.loads(metadata.get(key, default))
+    except ValueError as err:
+        raise ValueError(f"{file}: metadata field {key!r} is not valid JSON ({err})") from None
 
 
 def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Load a vitlab model file or run directory: model (eval mode), class names, metadata."""
+    """Load a vitlab model file or run directory: model (eval mode), class names, metadata.
+
+    The declared architecture is built on the meta device and checked against the file's tensors
+    before anything is allocated, so a small file cannot make it build a giant model.
+    """
     file = resolve_model_file(path)
     state, metadata = read_safetensors(file)
     if metadata.get("format") != "vitlab":
         raise ValueError(f"{file} is not a vitlab model file (no vitlab metadata); convert it with `vitlab convert`")
-    cfg = from_dict(config_type(metadata["config_type"]), json.loads(metadata["config"]))
+    if "config_type" not in metadata:
+        raise ValueError(f"{file} has no 'config_type' in its metadata; it is damaged: convert or save it again")
+    fields = _metadata_json(file, metadata, "config")
+    try:
+        cfg = from_dict(config_type(metadata["config_type"]), fields)
+        with torch.device("meta"):
+            skeleton = build_model(cfg)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{file}: metadata field 'config' does not describe a model ({type(err).__name__}: "
+                         f"{err})") from None
+    check_fits(skeleton, state, source=str(file))  # shapes only: nothing allocated yet
+    class_names = _metadata_json(file, metadata, "class_names", "null")
+    if class_names is not None and (not isinstance(class_names, list) or len(class_names) != cfg.num_classes
+                                    or not all(isinstance(c, str) for c in class_names)):
+        raise ValueError(f"{file}: metadata field 'class_names' must list {cfg.num_classes} names for the model's "
+                         f"{cfg.num_classes}-way head")
     model = build_model(cfg)
     load_state_dict_checked(model, state, source=str(file))
     model.to(map_location).eval()
-    return LoadedModel(model, json.loads(metadata.get("class_names", "null")), json.loads(metadata.get("meta", "{}")))
+    return LoadedModel(model, class_names, _metadata_json(file, metadata, "meta", "{}"))
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:

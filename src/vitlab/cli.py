@@ -231,9 +231,10 @@ def add_train_options(p: argparse.ArgumentParser) -> list[str]:
     names += add_options(p.add_argument_group("optimisation (OptimConfig)"), OptimConfig)
     names += add_options(p.add_argument_group("data (DataConfig)"), DataConfig, exclude=DERIVED_DATA_FIELDS,
                          rename={"path": "data"})
-    group = p.add_argument_group("model (fields of the model's config; image size, mean and std also set the data's)")
+    group = p.add_argument_group("model (fields of the model's config, default: the --model or recipe's preset, "
+                                 "see `vitlab models`; image size, mean and std also set the data's)")
     for cls in _model_config_types():
-        names += add_options(group, cls, exclude=("num_classes", "in_channels", *names))
+        names += add_options(group, cls, exclude=("num_classes", "in_channels", *names), show_defaults=False)
     return names
 
 
@@ -278,17 +279,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                         progress=not args.json, flip_tta=args.flip_tta, log=log)
     target = Path(ref)
     folder = target if target.is_dir() else target.parent if target.exists() else Path(".")
-    png = plot_confusion(result.confusion, result.class_names, folder / f"confusion_{split}.png",
-                         title=f"{target.name}: {split} top-1 {100 * result.top1:.2f}%")
+    try:
+        png = plot_confusion(result.confusion, result.class_names, folder / f"confusion_{split}.png",
+                             title=f"{target.name}: {split} top-1 {100 * result.top1:.2f}%")
+    except OSError as err:  # a read-only run folder: the metrics still print
+        png = None
+        log(f"could not write the confusion matrix into {folder} ({err.strerror or err}); metrics follow")
     if args.json:
-        print(json.dumps({"checkpoint": ref, "split": split, **result.to_dict(), "confusion_png": str(png)}))
+        print(json.dumps({"checkpoint": ref, "split": split, **result.to_dict(),
+                          "confusion_png": png and str(png)}))
         return 0
     print(f"{'class':<24}{'accuracy':>10}{'images':>9}")
     for name, acc, n in zip(result.class_names, result.per_class, result.confusion.sum(1).tolist()):
         print(f"{name:<24}{'-' if acc is None else f'{100 * acc:.2f}%':>10}{n:>9}")
     print(f"{split}: {result.num_images} images, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}%, "
           f"loss {result.loss:.4f}")
-    print(f"confusion matrix: {png}")
+    if png is not None:
+        print(f"confusion matrix: {png}")
     return 0
 
 
@@ -308,7 +315,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           log=log)
     if any_dir or args.output:
         if args.output:
-            with open(args.output, "w", newline="") as f:
+            with open(args.output, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
                 write_csv(predictions, f)
             log(f"wrote {len(predictions)} predictions to {args.output}")
         else:
@@ -585,11 +592,19 @@ EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "bench": ("timm", "tran
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped, never crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"vitlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only folder, a full disk, a path that is a file: one line, the path named
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"vitlab {args.command}: error: {err.strerror or err}{where}; check the path, its permissions and "
+              f"free space", file=sys.stderr)
         return 2
     except Interrupted as err:  # SIGINT / SIGTERM during training: a checkpoint was saved first
         print0(f"vitlab {args.command}: {err}", file=sys.stderr)

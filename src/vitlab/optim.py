@@ -62,6 +62,8 @@ class OptimConfig:
     def warmup(self, total_steps: int) -> int:
         """Warm-up length in steps for a run of ``total_steps``."""
         steps = self.warmup_steps or round(self.warmup_fraction * total_steps)
+        if steps >= total_steps > 1:  # a run shorter than its warm-up would end at the peak lr: warm up a tenth
+            return max(1, total_steps // 10)
         return min(steps, total_steps)
 
 

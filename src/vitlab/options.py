@@ -83,8 +83,11 @@ def flag(name: str) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: tuple[str, ...] = (),
-                rename: dict[str, str] | None = None, defaults: Any = None) -> list[str]:
-    """Add one option per field of the dataclass ``cls``; returns the field names added."""
+                rename: dict[str, str] | None = None, defaults: Any = None, show_defaults: bool = True) -> list[str]:
+    """Add one option per field of the dataclass ``cls``; returns the field names added.
+
+    ``show_defaults=False`` leaves defaults out of the help (model fields: the chosen preset decides them).
+    """
     rename = rename or {}
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
@@ -94,7 +97,7 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: tu
         if kwargs is None or f.name in exclude:
             continue
         default = getattr(defaults, f.name, f.default)
-        shown = "" if default in (dataclasses.MISSING, "", None) else f" (default: {default})"
+        shown = "" if default in (dataclasses.MISSING, "", None) or not show_defaults else f" (default: {default})"
         text = comments.get(f.name, f"{cls.__name__}.{f.name}")
         parser.add_argument(flag(rename.get(f.name, f.name)), dest=f.name, default=argparse.SUPPRESS,
                             help=f"{text}{shown}".replace("%", "%%"), **kwargs)

@@ -9,6 +9,7 @@ the next process takes the lock.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +48,33 @@ def check_run_dir(run: Path, *, resume: bool) -> None:
                              f"or pass another --out")
         raise ValueError(f"{run} is not empty and is not a vitlab run (it holds {_describe(run)}); pass a new or "
                          f"empty folder as --out")
+
+
+def data_fingerprint(root: Path) -> dict[str, object]:
+    """What the training data is, cheaply: every file under ``root`` (relative path, size, mtime), hashed."""
+    h, n = hashlib.sha256(), 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
+            n += 1
+    return {"sha256": h.hexdigest(), "files": n}
+
+
+def check_same_data(run: Path, recorded: dict[str, object] | None, now: dict[str, object], *, allow: bool,
+                    log) -> None:
+    """Refuse to resume on data that changed since the run started, unless ``allow``."""
+    if recorded is None:
+        log(f"{run} recorded no data fingerprint (an older run); the data cannot be checked")
+    elif recorded["sha256"] != now["sha256"]:
+        change = f"{recorded['files']} files then, {now['files']} now" if recorded["files"] != now["files"] else \
+            "the same number of files, but names, sizes or modification times differ"
+        if not allow:
+            raise ValueError(f"the training data changed since {run} started ({change}); resuming would not be "
+                             f"exact. Point --data at the original data, or pass --allow-data-change to go on")
+        log(f"the training data changed since {run} started ({change}); going on (--allow-data-change)")
 
 
 class RunLock:

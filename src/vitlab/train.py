@@ -40,14 +40,15 @@ from tqdm import tqdm
 from .checkpoint import atomic_write, load_state, save_model, save_state, write_json
 from .config import as_pair, check_numbers, from_dict, replace_checked, to_dict
 from .data import DataConfig, Loader, build_data
+from .data.build import resolve_path
 from .data.loader import derive_seed
 from .distributed import (barrier, broadcast_object, init_distributed, load_model_state, load_optimizer_state,
                           max_across_ranks, model_state, optimizer_state, parallelize, set_gradient_sync, shutdown,
                           sum_across_ranks, unwrap)
 from .evaluate import evaluate
-from .models import build_model, get_spec
+from .models import build_model, get_spec, list_models, preset_name
 from .optim import OptimConfig, build_optimizer, lr_at, update_ema
-from .run import CONFIG_FILE, METRICS_FILE, STATE_FILE, RunLock, check_run_dir
+from .run import CONFIG_FILE, METRICS_FILE, STATE_FILE, RunLock, check_run_dir, check_same_data, data_fingerprint
 from .plots import plot_curves
 from .transfer import freeze, load_pretrained
 
@@ -60,7 +61,7 @@ Precision = Literal["bf16", "fp32"]
 DERIVED_DATA_FIELDS = ("image_size", "mean", "std", "seed")
 # What ``--resume`` may change: where things are, never what is computed.
 RESUME_FIELDS = ("path", "device", "threads", "num_workers", "cache_dir", "shard", "activation_checkpointing",
-                 "init_from")
+                 "init_from", "allow_data_change")
 
 
 # ---------------------------------------------------------------------------- the config
@@ -97,6 +98,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     init_from: str = ""  # fine-tuning: a model file whose weights start the run (head and posemb adapted)
     train_blocks: int = -1  # fine-tuning: train only the last K blocks + head (0: head only); -1: all
+    allow_data_change: bool = False  # resume even if the training data's fingerprint changed
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -640,8 +642,14 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
 
     # -- data
     data_cfg = cfg.data_config()
+    if Path(data_cfg.path).expanduser().exists():  # config.json holds an absolute path: eval works from anywhere
+        data_cfg = dataclasses.replace(data_cfg, path=str(Path(data_cfg.path).expanduser().resolve()))
     cfg = dataclasses.replace(cfg, data=data_cfg)  # config.json shows the image size and seed really used
     data = build_data(data_cfg, log=log)
+    fingerprint = data_fingerprint(resolve_path(data_cfg, log=log))
+    if resume:
+        recorded = json.loads((run / CONFIG_FILE).read_text()).get("data_fingerprint")
+        check_same_data(run, recorded, fingerprint, allow=cfg.allow_data_change, log=log)
     if data.num_classes < 2:
         raise ValueError(f"{data_cfg.path} holds {data.num_classes} class ({', '.join(data.class_names)}); a "
                          f"classifier needs at least two class folders (root/<class>/<image>)")
@@ -689,7 +697,8 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
         if is_main:
             write_json(run / CONFIG_FILE, {
                 "train": to_dict(cfg), "model_type": type(model_cfg).__name__, "model": to_dict(model_cfg),
-                "class_names": data.class_names, "steps_per_epoch": steps_per_epoch, "sized_by": sizing})
+                "class_names": data.class_names, "steps_per_epoch": steps_per_epoch, "sized_by": sizing,
+                "data_fingerprint": fingerprint})
     config = to_dict(cfg)
     total, peak = cfg.steps, cfg.optim.peak_lr(cfg.batch_size)
     image_size_of = size_schedule(cfg)
@@ -699,6 +708,8 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
         sizing, start_time + sizing["seconds"], image_size_of, every=max(1, total // 40),
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
     params = sum(p.numel() for p in model.parameters())
+    named = preset_name(model_cfg, cfg.model)  # e.g. vit_mu8_32px for Mu/4 with patch 8
+    preset = named if named in list_models() else cfg.model  # what the run's model files are cards of
     resizing = (f"images from {cfg.min_image_size} px to full size by step {round(cfg.resize_until * total)}; "
                 if cfg.min_image_size else "")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -706,7 +717,8 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
     scaled = f" (lr {cfg.optim.lr:g} at batch {cfg.optim.lr_batch_size}, scaled)" if cfg.optim.lr_batch_size else ""
     spread = (f", {'FSDP2-sharded' if cfg.shard else 'DDP'}" if world_size > 1 else "") + (
         ", activation checkpointing" if cfg.activation_checkpointing else "")
-    log(f"{cfg.model}: {params / 1e6:.2f}M parameters{frozen} on {device} ({cfg.precision}{spread}); {total} steps "
+    alias = f", the {preset} preset" if preset != cfg.model else ""
+    log(f"{cfg.model}: {params / 1e6:.2f}M parameters{frozen}{alias} on {device} ({cfg.precision}{spread}); {total} steps "
         f"({total / steps_per_epoch:.2f} epochs) of {cfg.batch_size} images (global batch = {micro_batch} per "
         f"process x {world_size} processes x {cfg.accum_steps} accumulation steps); peak lr {peak:.3g}{scaled}, "
         f"{warmup} warm-up steps, {cfg.optim.schedule} decay; {resizing}evaluating on {eval_split if eval_loader else 'nothing'}"
@@ -785,7 +797,7 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
                         weights = model_state(eval_model)  # every process: a sharded model gathers
                         if is_main:
                             save_model(unwrap(eval_model), run / BEST_FILE, state_dict=weights,
-                                       class_names=data.class_names, meta={**last_eval, "model": cfg.model})
+                                       class_names=data.class_names, meta={**last_eval, "model": preset})
                     if is_main and time.perf_counter() - plotted > PLOT_EVERY_S:
                         plot_curves(read_metrics(run / METRICS_FILE), run / CURVES_FILE)
                         plotted = time.perf_counter()
@@ -793,7 +805,7 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
                     save_checkpoint(run, state, eval_model, steps_per_epoch=steps_per_epoch, config=config,
                                     class_names=data.class_names, is_main=is_main, meta={
                                         **{("eval_step" if k == "step" else k): v for k, v in (last_eval or {}).items()},
-                                        "step": done, "model": cfg.model})
+                                        "step": done, "model": preset})
                     saved_step = done
                 if signum:
                     shutdown()  # every process stops here, together

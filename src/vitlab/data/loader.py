@@ -92,7 +92,7 @@ class Loader:
         self.skipped: list[str] = []  # every unreadable file met, with its error
         if train and len(self) == 0:
             raise ValueError(f"{self._share()} training sample(s) per rank is less than one batch of "
-                             f"{batch_size}; lower the batch size or pass drop_last=False")
+                             f"{batch_size}; lower --batch-size (or add training images)")
 
     def _share(self) -> int:
         n = len(self.dataset)  # type: ignore[arg-type]

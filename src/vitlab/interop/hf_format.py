@@ -64,7 +64,10 @@ def read(path: str | Path) -> HFSource:
     index = next((folder / n for n in INDEX_FILES if (folder / n).is_file()), None)
     if index is not None:
         for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
-            tensors.update(read_torch_weights(folder / shard))
+            path = (folder / shard).resolve()
+            if not path.is_relative_to(folder.resolve()):
+                raise ValueError(f"{index} names the shard {shard!r} outside {folder}; refusing to read it")
+            tensors.update(read_torch_weights(path))
     else:
         file = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
         if file is None:

@@ -61,6 +61,19 @@ def create_model(name: str, *, num_classes: int | None = None, image_size: int |
     return build_model(cfg)
 
 
+def preset_name(cfg: Any, base: str = "") -> str:
+    """The registered preset whose config is exactly ``cfg`` (``vit_mu8_32px`` for Mu/4 with patch 8),
+    else ``base`` with the fields that differ from it."""
+    for name, spec in _REGISTRY.items():
+        if spec.config == cfg:
+            return name
+    if base in _REGISTRY:
+        ref = _REGISTRY[base].config
+        diff = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if getattr(cfg, f) != getattr(ref, f, None)}
+        return f"{base} ({', '.join(f'{k}={v}' for k, v in diff.items())})" if diff else base
+    return base or type(cfg).__name__
+
+
 def config_type(type_name: str) -> type:
     """The config class called ``type_name`` among the registered presets."""
     for spec in _REGISTRY.values():
