@@ -322,3 +322,17 @@ def test_non_utf8_file_names_are_escaped_not_fatal(cifar, tmp_path, capsys):
     assert main(["predict", str(run), str(images), "--output", str(out)]) == 0
     rows = out.read_text(encoding="utf-8").splitlines()
     assert len(rows) == 3 and any("caf\\udce9.png" in r for r in rows)
+
+
+def test_images_over_the_pixel_cap_are_skipped_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vitlab.data import load_image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (120, 100)).save(big)
+    monkeypatch.setenv("VITLAB_MAX_PIXELS", "10000")
+    with pytest.raises(ValueError, match="120 x 100 pixels is over the cap of 10,000"):
+        load_image(big)
+    monkeypatch.setenv("VITLAB_MAX_PIXELS", "12000")
+    assert load_image(big).size == (120, 100)

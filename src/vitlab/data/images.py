@@ -39,10 +39,25 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
+def max_pixels() -> int:
+    """The largest image decoded: ``$VITLAB_MAX_PIXELS`` (default 40 million, e.g. 8000 x 5000)."""
+    value = os.environ.get("VITLAB_MAX_PIXELS", "40000000")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"VITLAB_MAX_PIXELS={value!r} must be a positive whole number of pixels")
+    return int(value)
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully to RGB with EXIF orientation applied; ValueError if unreadable."""
+    """Decode ``path`` fully to RGB with EXIF orientation applied; ValueError if unreadable.
+
+    An image of more than ``max_pixels()`` pixels is refused from its header, before decoding (a
+    140 KB PNG can hold 12000 x 12000 pixels, 430 MB decoded); data loaders skip and count it.
+    """
     try:
         with Image.open(path) as img:
+            if img.width * img.height > (cap := max_pixels()):
+                raise ValueError(f"{img.width} x {img.height} pixels is over the cap of {cap:,} "
+                                 f"(set VITLAB_MAX_PIXELS to raise it)")
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)
             if img.mode in ("P", "PA", "LA", "La") or "transparency" in img.info:
