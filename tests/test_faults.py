@@ -9,31 +9,13 @@ import pytest
 import torch
 
 import vitlab.train as train_module
-from helpers import write_cifar
+from helpers import tiny_cfg
 from vitlab.cli import main
-from vitlab.data import DataConfig
 from vitlab.run import RunLock
 from vitlab.train import TrainConfig, TrainingDiverged, train
 
-TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    return write_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(data: Path, **kw) -> TrainConfig:
-    base = dict(model="vit_mu4_32px", model_overrides=dict(TINY), data=DataConfig(path=str(data)), batch_size=16,
-                steps=4, eval_every=2, checkpoint_every=2, threads=1, precision="fp32")
-    return TrainConfig(**{**base, **kw})
+    return tiny_cfg(data, **{"steps": 4, "eval_every": 2, "checkpoint_every": 2, **kw})
 
 
 def quiet(msg: str) -> None:

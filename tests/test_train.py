@@ -18,29 +18,10 @@ from vitlab.data import DataConfig
 from vitlab.recipes import RECIPES, recipe
 from vitlab.train import (Pace, Pacer, TrainConfig, every, override, parse_duration,
                           read_metrics, resume, step_seconds, steps_for_budget, train)
-from helpers import write_cifar
+from helpers import TINY, tiny_cfg, write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
 TINY_ARGS = ["--model", "vit_mu4_32px", "--width", "32", "--depth", "1", "--mlp-dim", "64", "--num-heads", "2"]
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    return write_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-bin")
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_cfg(data: Path, **kw) -> TrainConfig:
-    base = dict(model="vit_mu4_32px", model_overrides=dict(TINY), data=DataConfig(path=str(data)), batch_size=16,
-                steps=12, eval_every=4, checkpoint_every=4, threads=1, precision="fp32")
-    return TrainConfig(**{**base, **kw})
 
 
 def env() -> dict[str, str]:
