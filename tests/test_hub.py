@@ -287,3 +287,15 @@ def test_augreg_index_is_picked_as_the_official_colab(hub, capsys):
     assert (entry.architecture, entry.image_size, entry.num_classes, entry.labels) == ("vit_b16", 384, 100, "cifar100")
     assert entry.source["gcs"] == f"vit_models/augreg/{picked[0]['adapt_filename']}.npz"
     assert entry.accuracy["top1"] == 92.0
+
+
+def test_fewshot_and_finetune_start_from_a_name(hub, cifar, tmp_path, capsys):
+    assert main(["fewshot", "--model", "vit_mu4_32px.test_gcs", "--data", str(cifar), "--shots", "1,2",
+                 "--seeds", "1", "--cache-dir", str(tmp_path / "features"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["shots"] for r in report["ridge"]] == [1, 2]
+    assert main(["finetune", "--model", "vit_mu4_32px.test_gcs", "--data", str(cifar), "--lr", "0.01",
+                 "--steps", "2", "--batch-size", "16", "--accum-steps", "1", "--warmup-steps", "1",
+                 "--out", str(tmp_path / "ft")]) == 0
+    config = json.loads((tmp_path / "ft" / "final" / "config.json").read_text())
+    assert config["train"]["init_from"] == "vit_mu4_32px.test_gcs"  # the run records the name, not a cache path
