@@ -299,3 +299,16 @@ def test_fewshot_and_finetune_start_from_a_name(hub, cifar, tmp_path, capsys):
                  "--out", str(tmp_path / "ft")]) == 0
     config = json.loads((tmp_path / "ft" / "final" / "config.json").read_text())
     assert config["train"]["init_from"] == "vit_mu4_32px.test_gcs"  # the run records the name, not a cache path
+
+
+def test_augreg_index_offline_and_imported(hub, tmp_path, monkeypatch, capsys):
+    index = tmp_path / "index.csv"
+    index.write_text(INDEX_COLUMNS + "\nB/16,i21k,300,0.001,none,0.1,0.0,0.0,0.5,0.5,0.4,cifar100,0.01,10000,384,"
+                     "0.9,0.89,86000000,100,up,up--cifar100-steps_10k-lr_0.01-res_384\n")
+    monkeypatch.setenv("VITLAB_OFFLINE", "1")
+    assert main(["hub", "list", "--augreg"]) == 2
+    assert "vitlab hub import FILE --name augreg:index.csv" in capsys.readouterr().err
+    assert main(["hub", "import", str(index), "--name", "augreg:index.csv"]) == 0
+    assert main(["hub", "list", "--augreg", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])[0]["adapt_ds"] == "cifar100"
+    assert not hub.faults.requests

@@ -104,11 +104,17 @@ def _model_ref(args: argparse.Namespace) -> str:
 
 
 def _is_cached(entry) -> bool:
-    from .hub import cache
+    from .hub import cache, hf
 
     if entry.kind == "gcs":
         return cache.cache_path("gcs", entry.source["gcs"]).is_file()
-    return entry.kind == "package"
+    if entry.kind == "hf":
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, rev = entry.source["hf"], entry.source.get("revision", "main")
+        return (hf.imported_dir(repo, rev) / "config.json").is_file() or \
+            isinstance(try_to_load_from_cache(repo, "config.json", revision=rev), str)
+    return True  # in the package
 
 
 def catalog_table(entries: list) -> str:
@@ -204,7 +210,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
     for f in files:
         print(f"{f.size / 2**20:>10.1f} MiB  {f.state:<11}{f.path.relative_to(cache.home())}")
     print(f"{len(files)} file(s), {sum(f.size for f in files) / 2**20:.1f} MiB in {cache.home()}"
-          f"{' (offline mode)' if cache.offline() else ''}")
+          f"{' (offline mode)' if cache.offline() else ''}; Hugging Face files are in huggingface_hub's cache "
+          f"(`hf cache ls`)")
     return 0
 
 

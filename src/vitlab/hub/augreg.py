@@ -20,6 +20,7 @@ from .catalog import Pretrained
 
 INDEX_PATH = "vit_models/augreg/index.csv"
 PREFIX = "augreg:"
+INDEX_NAME = "augreg:index.csv"  # `vitlab hub import index.csv --name augreg:index.csv`
 # index.csv's model names -> vitlab presets.
 PRESETS = {"Ti/16": "vit_ti16", "S/16": "vit_s16", "S/32": "vit_s32", "B/16": "vit_b16", "B/32": "vit_b32",
            "B/8": "vit_b8", "L/16": "vit_l16", "R+Ti/16": "r_vit_ti16", "R26+S/32": "r26_vit_s32",
@@ -35,7 +36,7 @@ FLOATS = ("lr", "wd", "do", "sd", "best_val", "final_val", "final_test", "adapt_
 def read_index(*, progress: bool = True) -> list[dict[str, Any]]:
     """The rows of ``index.csv`` (downloaded into the cache once), numbers as numbers."""
     path = cache.fetch(cache.gcs_url(INDEX_PATH), cache.cache_path("gcs", INDEX_PATH), progress=progress,
-                       name="augreg index.csv")
+                       name=INDEX_NAME)
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     for row in rows:

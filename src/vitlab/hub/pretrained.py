@@ -191,7 +191,10 @@ def import_file(src: str | os.PathLike, name: str) -> Path:
     It must load as that model (every key and shape, the classes and resolution) and match the
     catalog's sha256 and size where it has them; the cache then records its sha256.
     """
-    entry, src = entry_for(name), Path(src)
+    src = Path(src)
+    if name == augreg.INDEX_NAME:  # the AugReg index itself, for `hub list --augreg` offline
+        return cache.import_into(src, cache.cache_path("gcs", augreg.INDEX_PATH))
+    entry = entry_for(name)
     if entry.kind == "package":
         raise ValueError(f"{entry.name} ships inside vitlab; there is nothing to import")
     if not src.exists():
