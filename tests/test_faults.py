@@ -318,3 +318,17 @@ def test_images_over_the_pixel_cap_are_skipped_before_decoding(tmp_path, monkeyp
         load_image(big)
     monkeypatch.setenv("VITLAB_MAX_PIXELS", "12000")
     assert load_image(big).size == (120, 100)
+
+
+def test_the_sdist_has_what_the_tests_and_the_package_need(tmp_path, monkeypatch):
+    import tarfile
+
+    from setuptools import build_meta
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    name = build_meta.build_sdist(str(tmp_path))
+    with tarfile.open(tmp_path / name) as tar:
+        files = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for needed in ("LICENSE", "tests/helpers.py", "tests/dist_worker.py", "tests/conftest.py",
+                   "src/vitlab/hub/catalog.json", "src/vitlab/hub/labels/imagenet21k.txt"):
+        assert needed in files, needed
