@@ -312,3 +312,14 @@ def test_augreg_index_offline_and_imported(hub, tmp_path, monkeypatch, capsys):
     assert main(["hub", "list", "--augreg", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])[0]["adapt_ds"] == "cifar100"
     assert not hub.faults.requests
+
+
+def test_hugging_face_offline_uses_its_cache(hub, monkeypatch):
+    online = vitlab.hub.load_pretrained("vit_mu4_32px.test_hf", progress=False)
+    n = len(hub.hf_faults.requests)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = vitlab.hub.load_pretrained("vit_mu4_32px.test_hf", progress=False)
+    torch.testing.assert_close(logits(offline.model), logits(online.model))
+    assert len(hub.hf_faults.requests) == n
+    with pytest.raises(vitlab.hub.OfflineError, match="offline mode is on"):
+        vitlab.hub.load_pretrained("hf-hub:test-org/mu4-unlisted", progress=False)

@@ -24,14 +24,8 @@ def _download(repo: str, filename: str, revision: str, *, required: bool = True)
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, library_name="vitlab",
                                     local_files_only=offline()))
-    except EntryNotFoundError:
-        if required:
-            raise ValueError(f"Hugging Face repository {repo} has no {filename} at revision {revision}") from None
-        return None
-    except RepositoryNotFoundError as err:
-        raise ValueError(f"no Hugging Face repository {repo} (or it is private: set HF_TOKEN); {err}") from None
     except LocalEntryNotFoundError:
-        if not required and not offline():
+        if not required:  # absent from the cache (offline) or the Hub unreachable: the caller decides
             return None
         if offline():
             raise OfflineError(f"hf-hub:{repo} ({filename}) is not in the Hugging Face cache and offline mode is on; "
@@ -39,6 +33,12 @@ def _download(repo: str, filename: str, revision: str, *, required: bool = True)
                                f"files, or `vitlab hub import FOLDER --name hf-hub:{repo}`") from None
         raise ValueError(f"cannot reach the Hugging Face Hub for {repo}/{filename}; check the network or "
                          f"HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache") from None
+    except EntryNotFoundError:
+        if required:
+            raise ValueError(f"Hugging Face repository {repo} has no {filename} at revision {revision}") from None
+        return None
+    except RepositoryNotFoundError as err:
+        raise ValueError(f"no Hugging Face repository {repo} (or it is private: set HF_TOKEN); {err}") from None
     except OSError as err:  # network errors surface as requests/httpx OSErrors
         raise ValueError(f"download of {repo}/{filename} failed ({err}); run the command again") from None
 
@@ -57,21 +57,23 @@ def fetch_repo(repo: str, revision: str = "main", files: list[str] | None = None
             if (local / name).is_file():
                 verify_cached(local / name, sha256 if name in WEIGHT_FILES else None)
         return local
-    names = list(files or [])
+    names = [n for n in files or [] if n not in WEIGHT_FILES]
     if not names:
         config = _download(repo, "config.json", revision)
-        names = ["config.json", *OPTIONAL_FILES]
         timm = "architecture" in json.loads(config.read_text())
-        names = ["config.json"] if timm else names
+        names = ["config.json"] if timm else ["config.json", *OPTIONAL_FILES]
     paths = [p for n in names if (p := _download(repo, n, revision, required=n not in OPTIONAL_FILES)) is not None]
-    if not any(p.name in WEIGHT_FILES for p in paths):
-        weights = next((p for n in WEIGHT_FILES if (p := _download(repo, n, revision, required=False))), None)
-        if weights is None:
-            raise ValueError(f"Hugging Face repository {repo} has none of {', '.join(WEIGHT_FILES)}")
-        paths.append(weights)
+    preferred = [w for w in files or [] if w in WEIGHT_FILES] + [w for w in WEIGHT_FILES if w not in (files or [])]
+    weights = next((p for n in preferred if (p := _download(repo, n, revision, required=False))), None)
+    if weights is None and offline():
+        raise OfflineError(f"hf-hub:{repo} has no weights in the Hugging Face cache and offline mode is on; "
+                           f"download them on a connected machine, or `vitlab hub import FOLDER --name ...`")
+    if weights is None:
+        raise ValueError(f"Hugging Face repository {repo} has none of {', '.join(WEIGHT_FILES)} (or the Hub "
+                         f"could not be reached: check the network or HF_ENDPOINT)")
+    paths.append(weights)
     folder = paths[0].parent
     if sha256:
-        weights = next(p for p in paths if p.name in WEIGHT_FILES)
         if (actual := sha256_file(weights)) != sha256:
             raise ValueError(f"{weights} fails its check: sha256 {actual} is not the catalog's {sha256}; delete it "
                              f"from the Hugging Face cache (`hf cache delete`) and download again")
