@@ -128,6 +128,21 @@ def catalog_table(entries: list) -> str:
     return "\n".join(rows)
 
 
+def _estimated_size(entry) -> str:
+    """The download size a catalog entry without one will have: float32 weights of its architecture."""
+    import torch
+
+    from .models import create_model
+
+    if not entry.architecture:
+        return "not in the catalog"
+    with torch.device("meta"):  # no memory: only the shapes
+        model = create_model(entry.architecture, num_classes=entry.num_classes or None,
+                             image_size=entry.image_size or None)
+    n = sum(p.numel() for p in model.parameters())
+    return f"~{4 * n / 2**20:,.0f} MiB (not in the catalog: float32 weights of {n / 1e6:.1f}M parameters)"
+
+
 def cmd_hub(args: argparse.Namespace) -> int:
     """The released models: list, info, download, import, cache."""
     from . import hub
@@ -178,7 +193,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
         acc = e.accuracy
         lines = [("name", e.name), ("description", e.description), ("architecture", e.architecture),
                  ("source", info["url"]), ("format", e.format),
-                 ("size", f"{e.size:,} bytes" if e.size else "not in the catalog"),
+                 ("size", f"{e.size:,} bytes" if e.size else _estimated_size(e)),
                  ("sha256", e.sha256 or "not published (recorded at the first download)"),
                  ("resolution", f"{e.image_size} px"), ("classes", f"{e.num_classes} ({e.labels or 'no label list'})"),
                  ("preprocessing", f"resize {p['resize']} side, crop {p['crop_pct']:g}, {p['interpolation']}, "
