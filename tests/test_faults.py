@@ -332,3 +332,36 @@ def test_the_sdist_has_what_the_tests_and_the_package_need(tmp_path, monkeypatch
     for needed in ("LICENSE", "tests/helpers.py", "tests/dist_worker.py", "tests/conftest.py",
                    "src/vitlab/hub/catalog.json", "src/vitlab/hub/labels/imagenet21k.txt"):
         assert needed in files, needed
+
+
+def test_resume_is_exact_when_a_whole_batch_is_unreadable(tmp_path, monkeypatch):
+    import signal
+
+    from PIL import Image
+
+    from vitlab.train import Interrupted
+
+    root = tmp_path / "data"
+    for c in range(2):
+        (root / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), (40 * i, 100 * c, 0)).save(root / "train" / f"c{c}" / f"{i}.png")
+        (root / "train" / f"c{c}" / "broken.png").write_bytes(b"not an image")
+    cfg = tiny(root, batch_size=1, steps=20, eval_every=100, checkpoint_every=3)  # batch 1: a broken file is a batch
+    straight = train(cfg, tmp_path / "straight", log=quiet)
+    skipped = [r for r in train_module.read_metrics(tmp_path / "straight" / "metrics.jsonl") if "skipped" in r]
+    assert straight.step == 20 and skipped  # the broken files fell in this run's 20 steps
+
+    real = train_module.lr_at
+    def interrupt_at_step_8(step, **kw):
+        if step == 7:
+            signal.raise_signal(signal.SIGINT)  # saves a checkpoint after this step, then stops
+        return real(step, **kw)
+    monkeypatch.setattr(train_module, "lr_at", interrupt_at_step_8)
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "cut", log=quiet)
+    monkeypatch.setattr(train_module, "lr_at", real)
+    train_module.resume(tmp_path / "cut", log=quiet)
+    a = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -387,16 +387,22 @@ def size_fractions(cfg: TrainConfig, points: int = 1000) -> dict[int, float]:
     return {s: sizes.count(s) / points for s in sorted(set(sizes))}
 
 
-def forward_backward(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
-                     device: torch.device, image_size: int | None = None) -> torch.Tensor:
+def forward_backward(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor] | None],
+                     cfg: TrainConfig, device: torch.device, image_size: int | None = None) -> torch.Tensor | None:
     """Run ``cfg.accum_steps`` micro-batches, accumulating gradients; returns the step's mean loss.
 
-    ``image_size`` below the batches' own size downscales them first (progressive resizing).
+    ``image_size`` below the batches' own size downscales them first (progressive resizing). A
+    micro-batch with no readable image (None) adds nothing; None if the whole step had none.
     """
     total = torch.zeros((), device=device)
+    used = 0
     for micro in range(cfg.accum_steps):
         set_gradient_sync(model, micro == cfg.accum_steps - 1)  # processes average gradients once per step
-        x, y = next(batches)
+        batch = next(batches)
+        if batch is None:
+            continue
+        x, y = batch
+        used += 1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if image_size and image_size != x.shape[-1]:
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)  # (B, C, s, s)
@@ -405,7 +411,7 @@ def forward_backward(model: nn.Module, batches: Iterator[tuple[torch.Tensor, tor
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing) / cfg.accum_steps
         loss.backward()
         total += loss.detach()
-    return total
+    return total if used else None
 
 
 def steps_for_budget(seconds: float, *, step_s: float, eval_s: float, eval_every: int, ckpt_s: float,
@@ -745,7 +751,8 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
                 if world_size > 1:  # dropout masks differ per process, are a function of the step: exact resume
                     torch.manual_seed(derive_seed(cfg.seed, step, rank))
                 if batches is None or step_in_epoch == 0:
-                    batches = loader.epoch(epoch, start_batch=step_in_epoch * cfg.accum_steps)
+                    batches = loader.epoch(epoch, start_batch=step_in_epoch * cfg.accum_steps,
+                                           placeholders=world_size == 1)  # step s reads batch s, always
 
                 model.train()
                 try:
@@ -753,18 +760,21 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
                 except StopIteration:
                     raise ValueError(f"epoch {epoch} ended early: whole batches of unreadable images were "
                                      f"skipped; remove the files reported above") from None
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or math.inf)
-                loss_value = sum_across_ranks([loss.item()], env).item() / world_size  # the global batch's loss
-                grad_value = grad_norm.item()
-                if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                    kept = (f"the last good checkpoint (step {saved_step}) is kept in {run}" if saved_step
-                            else "no checkpoint had been written yet")
-                    raise TrainingDiverged(f"loss {loss_value} (gradient norm {grad_value}) at step {step + 1}; "
-                                           f"{kept}; lower --lr or check the data")
-                state.optimizer.step()
+                if loss is not None:
+                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or math.inf)
+                    loss_value = sum_across_ranks([loss.item()], env).item() / world_size  # the global batch's loss
+                    grad_value = grad_norm.item()
+                    if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                        kept = (f"the last good checkpoint (step {saved_step}) is kept in {run}" if saved_step
+                                else "no checkpoint had been written yet")
+                        raise TrainingDiverged(f"loss {loss_value} (gradient norm {grad_value}) at step {step + 1}; "
+                                               f"{kept}; lower --lr or check the data")
+                    state.optimizer.step()
+                    if ema is not None:
+                        update_ema(ema, model, cfg.ema_decay)
+                else:  # no readable image in the step's batches: the step passes without an update
+                    log(f"step {step + 1}: no readable image in its batch; no update")
                 state.optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    update_ema(ema, model, cfg.ema_decay)
                 state.step = done = step + 1
                 signum = int(max_across_ranks([stop.signum], env).item())  # all processes stop at one step
 
@@ -775,7 +785,10 @@ def _train(cfg: TrainConfig, run: Path, env: Any, *, resume: bool, log: Callable
                     if every(done, pacer.every) and done < pace.total:
                         pace = state.pace = broadcast_object(pacer.replan(pace, done), env)  # rank 0's plan
                         bar.total = pace.total
-                if is_main:
+                if is_main and loss is None:
+                    metrics.write({"step": done, "epoch": round(done / steps_per_epoch, 4), "skipped": "no image"})
+                    bar.update()
+                elif is_main:
                     metrics.write({"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value,
                                    "lr": lr, "grad_norm": grad_value, "images_per_s": round(images_per_s, 1),
                                    **({"image_size": image_size} if cfg.min_image_size else {}),

@@ -113,11 +113,12 @@ class Loader:
             order = torch.arange(n)
         return order[self.rank::self.world_size][: self._share()]
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Batches:
+    def epoch(self, epoch: int, start_batch: int = 0, *, placeholders: bool = False) -> Batches:
         """The batches ``start_batch ..`` of ``epoch``: (images float32 (B, C, H, W), targets).
 
         Targets are int64 (B,) class indices, or float32 (B, num_classes) soft targets when
-        Mixup/CutMix are on (training only).
+        Mixup/CutMix are on (training only). A batch with no readable image is skipped, or with
+        ``placeholders`` yields None in its place, so batch b is always the b-th item (exact resume).
         """
         if epoch < 0 or not 0 <= start_batch <= len(self):
             raise ValueError(f"epoch {epoch} / start_batch {start_batch} out of range "
@@ -126,7 +127,7 @@ class Loader:
         batches = [idx[b * self.batch_size:(b + 1) * self.batch_size] for b in range(start_batch, len(self))]
         if isinstance(self.dataset, ArrayDataset):
             return self._array_batches(epoch, start_batch, batches)
-        return self._streamed_batches(epoch, start_batch, batches)
+        return self._streamed_batches(epoch, start_batch, batches, placeholders)
 
     def _array_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Batches:
         data: ArrayDataset = self.dataset  # type: ignore[assignment]
@@ -138,7 +139,7 @@ class Loader:
                 x = self.augment.batch(x, torch.Generator().manual_seed(self._batch_seed(epoch, b)))
             yield self._finish(x, data.labels[idx], epoch, b)
 
-    def _streamed_batches(self, epoch: int, start: int, batches: list[Tensor]) -> Batches:
+    def _streamed_batches(self, epoch: int, start: int, batches: list[Tensor], placeholders: bool) -> Batches:
         keys = [[(i, epoch) for i in idx.tolist()] for idx in batches]
         loader = DataLoader(_Streamed(self.dataset, self.cfg.image_size, self.augment, self.cfg.seed),
                             batch_sampler=keys, num_workers=self.cfg.num_workers, collate_fn=_collate,
@@ -153,6 +154,8 @@ class Loader:
                 bad += len(errors)
                 if x is None:
                     self.log(f"batch {b} of epoch {epoch} has no readable image; skipped")
+                    if placeholders:
+                        yield None
                     continue
                 yield self._finish(x, y, epoch, b)
         finally:
