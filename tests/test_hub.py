@@ -54,6 +54,7 @@ def hub(tmp_path, monkeypatch):
         "vit_mu4_32px.test_gcs": entry(gcs, "official"),
         "vit_mu4_32px.test_sha": entry(gcs, "official", sha256=sha, size=npz.stat().st_size),
         "vit_mu4_32px.test_badsha": entry(gcs, "official", sha256="0" * 64),
+        "vit_mu4_32px.test_truncated": entry(gcs, "official", size=npz.stat().st_size + 1000),  # the server's is short
         "vit_mu4_32px.test_hf": entry({"hf": "test-org/mu4", "revision": "main",
                                        "files": ["config.json", "model.safetensors"]}, "hf"),
         "vit_mu4_32px.test_timm": entry({"hf": "test-org/mu4-timm", "revision": "main"}, "timm", labels=None),
@@ -121,6 +122,9 @@ def test_interrupted_download_resumes_with_range(hub):
 def test_corrupt_downloads_leave_nothing_in_the_cache(hub):
     with pytest.raises(ValueError, match="sha256.*nothing was cached"):
         vitlab.hub.load_pretrained("vit_mu4_32px.test_badsha", progress=False)
+    assert not hub.cached.exists() and not hub.cached.with_name(hub.cached.name + ".incomplete").exists()
+    with pytest.raises(ValueError, match="bytes where the catalog says.*nothing was cached"):
+        vitlab.hub.load_pretrained("vit_mu4_32px.test_truncated", progress=False)
     assert not hub.cached.exists() and not hub.cached.with_name(hub.cached.name + ".incomplete").exists()
     hub.faults.wrong_md5 = True
     with pytest.raises(ValueError, match="md5.*nothing was cached"):
@@ -233,6 +237,8 @@ def test_cli_predict_eval_export_and_convert_by_name(hub, tmp_path, capsys):
     assert loaded.class_names == vitlab.hub.labels("cifar10") and loaded.meta["preprocess"]["resize"] == "squash"
     assert main(["eval", "--model", "vit_mu4_32px.test_gcs"]) == 2
     assert "is a released model; pass --data" in capsys.readouterr().err
+    assert main(["inspect", "--model", "vit_mu4_32px.test_gcs", "--images", str(img), "--out", str(tmp_path / "i")]) == 0
+    assert (tmp_path / "i" / "report.html").is_file()
 
 
 
