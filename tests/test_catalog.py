@@ -5,6 +5,7 @@ mean/std, classes, license) and timm's ImageNet class files. No network, no mode
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -19,14 +20,15 @@ GCS = "https://storage.googleapis.com/"
 
 # The vitlab presets an entry may name, and those the catalog needs that vitlab does not register yet.
 PRESETS = {"vit_ti16", "vit_s16", "vit_s32", "vit_b8", "vit_b16", "vit_b32", "vit_l16", "vit_l32", "vit_h14",
-           "bit_r50x1", "bit_r50x3", "bit_r101x1", "bit_r101x3", "bit_r152x4",
-           "r50_vit_b16", "r50_vit_l32", "r26_vit_s32", "r_vit_ti16"}
-PENDING = {"bit_r152x2"}  # BiT-M R152x2 is released; the preset is still to be added to vitlab.models
+           "bit_r50x1", "bit_r50x3", "bit_r101x1", "bit_r101x3", "bit_r152x2", "bit_r152x4",
+           "r50_vit_b16", "r50_vit_l32", "r26_vit_s32", "r_vit_ti16", "vit_conv_32px"}
+PENDING: set[str] = set()  # presets the catalog needs that vitlab.models does not register yet
 
 # Output stride of each architecture (patch size, or the ResNet stem and stages times the patch).
 STRIDE = {"vit_ti16": 16, "vit_s16": 16, "vit_s32": 32, "vit_b8": 8, "vit_b16": 16, "vit_b32": 32, "vit_l16": 16,
           "vit_l32": 32, "vit_h14": 14, "r50_vit_b16": 16, "r50_vit_l32": 32, "r26_vit_s32": 32, "r_vit_ti16": 16,
-          "bit_r50x1": 32, "bit_r50x3": 32, "bit_r101x1": 32, "bit_r101x3": 32, "bit_r152x2": 32, "bit_r152x4": 32}
+          "bit_r50x1": 32, "bit_r50x3": 32, "bit_r101x1": 32, "bit_r101x3": 32, "bit_r152x2": 32, "bit_r152x4": 32,
+          "vit_conv_32px": 4}
 
 # timm's architecture name for each preset (ViTs carry the resolution: ``<arch>_<px>``).
 TIMM_VIT = {"vit_ti16": "vit_tiny_patch16", "vit_s16": "vit_small_patch16", "vit_s32": "vit_small_patch32",
@@ -47,9 +49,11 @@ NO_TWIN = {"vit_b16.hf_in21k_ft_in1k", "vit_b16.hf_in21k", "vit_b32.orig_in21k_f
 KEYS = {"architecture": str, "source": dict, "format": str, "image_size": int, "num_classes": int,
         "labels": (str, type(None)), "preprocess": dict, "license": str, "size": (int, type(None)),
         "sha256": (str, type(None)), "accuracy": (dict, type(None)), "description": str}
-FORMATS = {"official", "big_vision", "bit", "timm", "hf"}
+FORMATS = {"official", "big_vision", "bit", "timm", "hf", "vitlab"}
 ACC_REQUIRED = {"top1", "data", "split", "source"}
-ACC_OPTIONAL = {"top5", "image_size", "real_top1"}
+ACC_OPTIONAL = {"top5", "image_size", "real_top1", "flip_tta_top1"}
+# vitlab's own model, shipped in the package (tools/ship_model.py writes its entry and card).
+PACKAGED = "vit_conv_32px.vitlab_cifar10"
 
 
 def _no_duplicate_keys(pairs):
@@ -129,7 +133,8 @@ def test_accuracy_values():
             assert acc["top5"] >= top1, name
         if "image_size" in acc:
             assert acc["image_size"] == MODELS[name]["image_size"], f"{name}: measured at another size"
-        assert MODELS[name]["num_classes"] == 1000, f"{name}: an ImageNet accuracy needs a 1000-class head"
+        if acc["data"] == "imagenet2012":
+            assert MODELS[name]["num_classes"] == 1000, f"{name}: an ImageNet accuracy needs a 1000-class head"
 
 
 @pytest.mark.parametrize("name,entry", ENTRIES, ids=[n for n, _ in ENTRIES])
@@ -152,7 +157,13 @@ def test_preprocess(name, entry):
 @pytest.mark.parametrize("name,entry", ENTRIES, ids=[n for n, _ in ENTRIES])
 def test_source(name, entry):
     src, fmt = entry["source"], entry["format"]
-    if "gcs" in src:
+    if "package" in src:
+        assert name == PACKAGED and fmt == "vitlab" and set(src) == {"package"}
+        file = HUB / "models" / src["package"]
+        assert file.is_file() and file.stat().st_size == entry["size"]
+        assert hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"]
+        assert (HUB / "models" / f"{name}.md").is_file(), "the shipped model has a model card"
+    elif "gcs" in src:
         assert set(src) == {"gcs"}
         path = src["gcs"]
         assert path.endswith(".npz") and not path.startswith(("/", "gs:", "http")) and " " not in path
@@ -201,7 +212,8 @@ def test_family_counts():
     assert counts == {"orig_in21k": 6, "orig_in21k_ft_in1k": 5, "orig_in21k_ft_in1k_224": 2,
                       "augreg_in21k": 10, "augreg_in21k_ft_in1k": 10, "augreg_in21k_ft_in1k_384": 9,
                       "augreg_in1k": 3, "augreg_in1k_384": 3, "sam_in1k": 2, "augreg2_in21k_ft_in1k": 2,
-                      "hf_in21k_ft_in1k": 1, "hf_in21k": 1, "bit_m_in21k": 6, "bit_m_in21k_ft_in1k": 6}
+                      "hf_in21k_ft_in1k": 1, "hf_in21k": 1, "bit_m_in21k": 6, "bit_m_in21k_ft_in1k": 6,
+                      "vitlab_cifar10": 1}
 
 
 # ---------------------------------------------------------------------------------------------- defaults
@@ -214,7 +226,7 @@ def test_defaults():
     for preset, tag in defaults.items():
         name = f"{preset}.{tag}"
         assert name in MODELS, f"default {name} is not in the catalog"
-        if preset != "vit_h14":  # the only H/14 release is the ImageNet-21k upstream file
+        if preset not in ("vit_h14", "vit_conv_32px"):  # H/14: only the 21k upstream; vitlab's own: CIFAR-10
             assert MODELS[name]["num_classes"] == 1000, f"default {name} should be an ImageNet-1k classifier"
 
 
@@ -334,6 +346,8 @@ def test_timm_twins(timm_cfgs):
     """Every entry with a timm twin agrees with timm's cfg; the twinless ones are exactly NO_TWIN."""
     twinless = set()
     for name, entry in ENTRIES:
+        if name == PACKAGED:  # vitlab's own model: timm has no such file
+            continue
         twin = _timm_twin(name, entry)
         if twin not in timm_cfgs:
             twinless.add(name)
@@ -384,7 +398,7 @@ def test_every_timm_gcs_file_is_in_the_catalog(timm_cfgs):
 
 def test_every_timm_google_tag_is_in_the_catalog(timm_cfgs):
     """timm's orig / augreg / goog BiT checkpoints of these architectures all have a catalog twin."""
-    twins = {_timm_twin(n, e) for n, e in ENTRIES}
+    twins = {_timm_twin(n, e) for n, e in ENTRIES if n != PACKAGED}
     google = [n for n in timm_cfgs
               if re.search(r"\.(orig_in21k|orig_in21k_ft_in1k|augreg_in21k|augreg_in21k_ft_in1k|augreg_in1k|"
                            r"augreg2_in21k_ft_in1k|sam_in1k|goog_in21k|goog_in21k_ft_in1k)$", n)]

@@ -22,6 +22,26 @@ COMMAND = ("vitlab train --recipe cifar10 --data ../shared/data/cifar-10-batches
 PACKAGE = ROOT / "src" / "vitlab" / "hub"
 
 
+def dump_catalog(catalog: dict) -> str:
+    """catalog.json in its own style: one line per field of an entry, nested values on that line."""
+    out = ["{"]
+    tops = list(catalog.items())
+    for i, (key, value) in enumerate(tops):
+        comma = "," if i < len(tops) - 1 else ""
+        if key == "models":
+            out.append('  "models": {')
+            for j, (name, entry) in enumerate(value.items()):
+                out.append(f"    {json.dumps(name)}: {{")
+                fields = [f"      {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in entry.items()]
+                out.append(",\n".join(fields))
+                out.append("    }" + ("," if j < len(value) - 1 else ""))
+            out.append("  }" + comma)
+        else:
+            text = json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+            out.append(f"  {json.dumps(key)}: {text}{comma}")
+    return "\n".join(out) + "\n}\n"
+
+
 def vitlab_eval(model: str, data: str, *flags: str) -> dict:
     """`vitlab eval --json` of the packaged model, as a user would run it."""
     cmd = [sys.executable, "-m", "vitlab", "eval", "--model", model, "--data", data, "--split", "test", "--json", *flags]
@@ -56,20 +76,21 @@ def main() -> None:
     catalog_file = PACKAGE / "catalog.json"
     catalog = json.loads(catalog_file.read_text())
     entry = {"architecture": "vit_conv_32px", "source": {"package": dest.name}, "format": "vitlab",
-             "image_size": 32, "num_classes": 10, "labels": "cifar10", "preprocess": meta["preprocess"],
+             "image_size": 32, "num_classes": 10, "labels": "cifar10",
+             "preprocess": {k: v for k, v in meta["preprocess"].items() if k != "image_size"},
              "license": "Apache-2.0", "size": dest.stat().st_size, "sha256": sha256_file(dest), "accuracy": None,
              "description": f"vitlab's own: the cifar10 recipe for {run_cfg['train']['epochs']:g} epochs from "
-                            f"scratch on CIFAR-10's 50,000 training images (2 CPU cores), bf16 weights"}
+                            f"scratch on CIFAR-10's 50,000 training images at 32 px (2 CPU cores), bf16 weights"}
     catalog["models"][NAME] = entry
     catalog.setdefault("defaults", {})["vit_conv_32px"] = NAME.split(".", 1)[1]
-    catalog_file.write_text(json.dumps(catalog, indent=2) + "\n")
+    catalog_file.write_text(dump_catalog(catalog))
     plain = vitlab_eval(NAME, args.data)
     tta = vitlab_eval(NAME, args.data, "--flip-tta")
     entry["accuracy"] = {"top1": round(100 * plain["top1"], 2), "top5": round(100 * plain["top5"], 2),
                          "flip_tta_top1": round(100 * tta["top1"], 2), "data": "cifar10", "split": "test",
                          "source": f"vitlab eval --model {NAME} --data CIFAR10 --split test [--flip-tta] "
                                    f"(10,000 test images, fp32 compute of the bf16 weights)"}
-    catalog_file.write_text(json.dumps(catalog, indent=2) + "\n")
+    catalog_file.write_text(dump_catalog(catalog))
 
     card = PACKAGE / "models" / f"{NAME}.md"
     train = run_cfg["train"]
@@ -80,7 +101,7 @@ work offline on a real model: `vitlab.create_model("{NAME}", pretrained=True)`.
 
 - **Architecture**: `vit_conv_32px`: a 3-conv stem (96, 192, 192 channels; two stride-2 convs and one
   stride-1) cuts the 32 x 32 image into an 8 x 8 grid of tokens; ViT width 192, depth 6, MLP 384,
-  3 heads, global average pooling, no class token; {sum(v.numel() for v in bf16.values()):,} parameters.
+  3 heads, global average pooling, no class token; {sum(p.numel() for p in loaded.model.parameters()):,} parameters.
 - **Data**: CIFAR-10's 50,000 training images (the copy in `../shared/data`, whose pixels went
   through JPEG once), no validation split held out; pad-crop + flip, label smoothing 0.1.
 - **Recipe**: `cifar10` (`vitlab train --recipe cifar10 --list-recipes` has its source) for
@@ -90,7 +111,8 @@ work offline on a real model: `vitlab.create_model("{NAME}", pretrained=True)`.
 - **Test top-1** (CIFAR-10 test split, 10,000 images, measured on this bf16 file by `vitlab eval`):
   **{entry['accuracy']['top1']:.2f}%** without test-time augmentation, **{entry['accuracy']['flip_tta_top1']:.2f}%**
   with flip TTA (`--flip-tta`); top-5 {entry['accuracy']['top5']:.2f}%. The run itself printed
-  {100 * final['eval_top1']:.2f}% ({final['eval_split']}, its fp32 weights, flip TTA: {train.get('flip_tta')}).
+  {100 * final['eval_top1']:.2f}% ({final['eval_split']} split, flip TTA {'on' if train.get('flip_tta') else 'off'}, its fp32
+  weights under bf16 autocast), which `vitlab eval RUN --flip-tta --precision bf16` reproduces.
 - **Reproduce**: the command above, then `python tools/ship_model.py RUN --data CIFAR10`.
 - **License**: Apache-2.0 (the weights); CIFAR-10 is from Krizhevsky (2009).
 """)

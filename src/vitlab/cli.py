@@ -119,10 +119,10 @@ def _is_cached(entry) -> bool:
 
 def catalog_table(entries: list) -> str:
     """The catalog as a markdown table (the README's "Pretrained models" table is this output)."""
-    rows = ["| name | px | classes | labels | ImageNet top-1 | from |", "|---|---|---|---|---|---|"]
+    rows = ["| name | px | classes | labels | published top-1 | from |", "|---|---|---|---|---|---|"]
     for e in entries:
         acc = e.accuracy
-        top1 = f"{acc['top1']:.2f}" if acc and acc.get("data") == "imagenet2012" else "-"
+        top1 = f"{acc['top1']:.2f} ({acc['data']} {acc['split']})" if acc else "-"
         source = {"gcs": "official bucket", "hf": f"HF `{e.source.get('hf')}`", "package": "in the package"}[e.kind]
         rows.append(f"| `{e.name}` | {e.image_size} | {e.num_classes} | {e.labels or '-'} | {top1} | {source} |")
     return "\n".join(rows)
