@@ -365,3 +365,21 @@ def test_resume_is_exact_when_a_whole_batch_is_unreadable(tmp_path, monkeypatch)
     a = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_is_one_line(cifar, tmp_path, capsys, monkeypatch, signum):
+    import signal
+
+    import vitlab.train as t
+
+    def interrupted_loading(*args, **kw):
+        signal.raise_signal(getattr(signal, signum))
+
+    monkeypatch.setattr(t, "build_data", interrupted_loading)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main(["train", "--recipe", "demo", "--data", str(cifar), "--out", str(tmp_path / "r")])
+    assert signal.getsignal(signal.SIGTERM) == before  # main puts the handler back
+    assert rc == 128 + getattr(signal, signum)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -618,6 +619,13 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:  # SIGTERM outside the training loop: as Ctrl-C
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
@@ -644,9 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: stop quietly
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
-        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # before the loop started (start-up, data loading), or a second Ctrl-C
+        name = "SIGTERM" if received else "Ctrl-C"
+        print(f"vitlab {args.command}: interrupted ({name}) before anything was saved", file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
