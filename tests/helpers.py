@@ -71,7 +71,7 @@ TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2)  # a ViT that trains in 
 def tiny_cfg(data: Path, **kw):
     """A TrainConfig of the tiny ViT on ``data``: 12 steps of 16, evaluated and checkpointed every 4."""
     from vitlab.data import DataConfig
-    from vitlab.train import TrainConfig
+    from vitlab.trainconfig import TrainConfig
 
     base = dict(model="vit_mu4_32px", model_overrides=dict(TINY), data=DataConfig(path=str(data)), batch_size=16,
                 steps=12, eval_every=4, checkpoint_every=4, threads=1, precision="fp32")

@@ -14,7 +14,10 @@ from vitlab.interop import export_model, export_onnx
 from vitlab.models.vit import VisionTransformer
 from vitlab.models.vit import drop_patches as vitlab_drop
 from vitlab.recipes import RECIPES
-from vitlab.train import TrainConfig, image_size_at, read_metrics, size_fractions, train
+from vitlab.budget import image_size_at, size_fractions
+from vitlab.run import read_metrics
+from vitlab.train import train
+from vitlab.trainconfig import TrainConfig
 
 from helpers import load_benchmark, write_cifar
 from test_train import TINY
@@ -130,10 +133,10 @@ def test_conv_stem_cuts_the_same_grid_counts_its_flops_and_is_not_exported(tmp_p
 
 
 def test_conv_stem_channels_last_matches_nchw_forward_and_backward(monkeypatch):
-    from vitlab.models import vit
+    from vitlab import accel as vit
 
     torch.manual_seed(0)
-    model = tiny_vit(conv_stem=(8, 16, 16), pool="gap", class_token=False).train()
+    model = vit.accelerate(tiny_vit(conv_stem=(8, 16, 16), pool="gap", class_token=False)).train()
     x = torch.randn(4, 3, 32, 32)
     seen = []
     model.patch_embed.stem[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))

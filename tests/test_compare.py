@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import vitlab
 from vitlab.cli import main
 from vitlab.recipes import recipe
-from vitlab.train import override, read_metrics
+from vitlab.run import read_metrics
+from vitlab.trainconfig import override
 
 from helpers import load_benchmark, write_cifar
 

@@ -15,7 +15,8 @@ import dist_worker as W
 from helpers import write_cifar
 from vitlab.cli import main
 from vitlab.data import ArrayDataset, DataConfig, Loader
-from vitlab.train import read_metrics, resume
+from vitlab.run import read_metrics
+from vitlab.train import resume
 from vitlab.distributed import DistEnv, gather_rows, load_model_state, load_optimizer_state, model_state, \
     parallelize, rank_indices, read_env, sum_across_ranks
 

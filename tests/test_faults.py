@@ -12,7 +12,9 @@ import vitlab.train as train_module
 from helpers import tiny_cfg
 from vitlab.cli import main
 from vitlab.run import RunLock
-from vitlab.train import TrainConfig, TrainingDiverged, train
+from vitlab.errors import TrainingDiverged
+from vitlab.train import train
+from vitlab.trainconfig import TrainConfig
 
 def tiny(data: Path, **kw) -> TrainConfig:
     return tiny_cfg(data, **{"steps": 4, "eval_every": 2, "checkpoint_every": 2, **kw})
@@ -339,7 +341,7 @@ def test_resume_is_exact_when_a_whole_batch_is_unreadable(tmp_path, monkeypatch)
 
     from PIL import Image
 
-    from vitlab.train import Interrupted
+    from vitlab.errors import Interrupted
 
     root = tmp_path / "data"
     for c in range(2):

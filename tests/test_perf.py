@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab import bench
-from vitlab.models.vit import matmul_attention, sdpa_is_faster
+from vitlab.accel import matmul_attention, sdpa_is_faster
 
 
 def tiny(**kw):
@@ -121,7 +121,7 @@ def test_optimize_casts_once_and_matches_fp32():
 
 
 def test_fused_inference_kernels_match_eager_bf16(monkeypatch):
-    from vitlab.models import vit
+    from vitlab import accel as vit
 
     fusable = vit.fusable
     torch.manual_seed(0)

@@ -16,8 +16,11 @@ import vitlab
 from vitlab.cli import build_parser, main
 from vitlab.data import DataConfig
 from vitlab.recipes import RECIPES, recipe
-from vitlab.train import (Pace, Pacer, TrainConfig, every, override, parse_duration,
-                          read_metrics, resume, step_seconds, steps_for_budget, train)
+from vitlab.budget import Pacer, step_seconds, steps_for_budget
+from vitlab.run import read_metrics
+from vitlab.state import Pace
+from vitlab.train import every, resume, train
+from vitlab.trainconfig import TrainConfig, override, parse_duration
 from helpers import TINY, tiny_cfg, write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ from vitlab.config import replace_checked
 from vitlab.data import DataConfig, build_data
 from vitlab.features import cached_features, extract_features
 from vitlab.models import build_model, create_model
-from vitlab.transfer import adapt_model, finetune_config, freeze, load_pretrained
+from vitlab.surgery import adapt_model, freeze, load_pretrained
+from vitlab.transfer import finetune_config
 from helpers import write_cifar
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2)

@@ -29,7 +29,7 @@ from .config import ViTConfig, as_pair
 from .flops import vit_flops
 from .models import model_config
 from .models.vit import VisionTransformer
-from .inference import optimize
+from .accel import optimize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEAK_SIZE = 2048  # the matmul that measures the peak: (n x n) @ (n x n)

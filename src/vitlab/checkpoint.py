@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import as_pair, from_dict, to_dict
+from .accel import accelerate
 from .models import build_model, config_type
 
 MODEL_FILE = "model.safetensors"
@@ -184,7 +185,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
                                     or not all(isinstance(c, str) for c in class_names)):
         raise ValueError(f"{file}: metadata field 'class_names' must list {cfg.num_classes} names for the model's "
                          f"{cfg.num_classes}-way head")
-    model = build_model(cfg)
+    model = accelerate(build_model(cfg))
     load_state_dict_checked(model, state, source=str(file))
     model.to(map_location).eval()
     return LoadedModel(model, class_names, _metadata_json(file, metadata, "meta", "{}"))

@@ -9,22 +9,25 @@ import sys
 import time
 from pathlib import Path
 
-from .config import as_pair
-from .distributed import print0
-from .fewshot import FEATURE_CACHE
-from .transfer import LR_SWEEP, MINIVAL
-from .flops import count_flops
-from .inspect import inspect_checkpoint
-from .models import build_model, get_spec, list_models
-from .train import Interrupted, TrainingDiverged
+from . import __version__
+from .errors import Interrupted, TrainingDiverged
+
+# Each command imports what it needs when it runs: `vitlab --help` starts without torch.
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print every preset: parameters, GFLOPs per image, tokens, resolution."""
+    import torch
+
+    from .config import as_pair
+    from .flops import count_flops
+    from .models import build_model, get_spec, list_models
+
     print(f"{'model':<16}{'params':>14}{'GFLOPs':>10}{'tokens':>8}  {'resolution':<11}description")
     for name in list_models(args.filter):
         spec = get_spec(name)
-        model = build_model(spec.config)
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            model = build_model(spec.config)
         params = sum(p.numel() for p in model.parameters())
         h, w = as_pair(spec.config.image_size)
         tokens = getattr(spec.config, "num_patches", 0) + getattr(spec.config, "num_prefix_tokens", 0)
@@ -35,6 +38,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Attention maps for the given images, the paper's Fig. 7 panels, and an HTML report."""
+    from .inspect import inspect_checkpoint
+
     report = inspect_checkpoint(
         _model_ref(args), args.images, args.out, data=args.data, head_fusion=args.head_fusion,
         discard_ratio=args.discard_ratio, start_layer=args.start_layer, num_images=args.num_images,
@@ -49,7 +54,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import save_model
     from .hub import entry_for, load_entry
     from .interop import convert
-    from .models import model_config
+    from .models import list_models, model_config
 
     overrides = {k: v for k, v in (("num_heads", args.num_heads), ("image_size", args.image_size),
                                    ("mean", args.mean and tuple(args.mean)), ("std", args.std and tuple(args.std)))
@@ -235,6 +240,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
 def _model_config_types() -> list[type]:
     """The config classes of all registered models (their fields become model options)."""
+    from .models import get_spec, list_models
+
     types: list[type] = []
     for name in list_models():
         t = type(get_spec(name).config)
@@ -248,7 +255,7 @@ def add_train_options(p: argparse.ArgumentParser) -> list[str]:
     from .data import DataConfig
     from .optim import OptimConfig
     from .options import add_options
-    from .train import DERIVED_DATA_FIELDS, TrainConfig
+    from .trainconfig import DERIVED_DATA_FIELDS, TrainConfig
 
     names = add_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
     names += add_options(p.add_argument_group("optimisation (OptimConfig)"), OptimConfig)
@@ -263,9 +270,11 @@ def add_train_options(p: argparse.ArgumentParser) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from scratch (or continue a run): a progress bar, metrics.jsonl, curves.png, checkpoints."""
+    from .distributed import print0
     from .recipes import RECIPES, recipe
-    from .train import BEST_FILE, CURVES_FILE, LAST_FILE, TrainConfig, override
+    from .run import BEST_FILE, CURVES_FILE, LAST_FILE
     from .train import resume, train
+    from .trainconfig import TrainConfig, override
 
     if args.list_recipes:
         for name, r in RECIPES.items():
@@ -326,7 +335,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k labels with probabilities per image; a directory writes every image's row to CSV."""
     from .hub import load_model
     from .predict import image_files, predict, write_csv
-    from .train import resolve_device
+    from .distributed import resolve_device
 
     ref, images = (args.model, args.paths) if args.model else (args.paths[0], args.paths[1:])
     if not images:
@@ -366,7 +375,7 @@ def parse_list(text: str, cast: type, what: str) -> list:
 def cmd_fewshot(args: argparse.Namespace) -> int:
     """Few-shot linear evaluation of frozen features: accuracy mean and std over seeds per k."""
     from .fewshot import fewshot_checkpoint
-    from .train import resolve_device
+    from .distributed import resolve_device
 
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     report = fewshot_checkpoint(
@@ -391,7 +400,7 @@ def add_finetune_options(p: argparse.ArgumentParser) -> list[str]:
     from .optim import OptimConfig
     from .options import add_options
     from .recipes import recipe
-    from .train import DERIVED_DATA_FIELDS, TrainConfig
+    from .trainconfig import DERIVED_DATA_FIELDS, TrainConfig
 
     base = recipe("finetune")
     names = add_options(p.add_argument_group("training (TrainConfig)"), TrainConfig, defaults=base,
@@ -451,8 +460,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every verb; with ``command``, only that verb gets the options that need torch
+    to build (those derived from the configs), so the others' help starts fast."""
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
 
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
@@ -506,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<recipe>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly")
     p.add_argument("--list-recipes", action="store_true", help="list the recipes and their sources")
-    p.set_defaults(func=cmd_train, config_options=add_train_options(p))
+    p.set_defaults(func=cmd_train, config_options=add_train_options(p) if wanted("train") else [])
 
     p = sub.add_parser("eval", help="top-1/top-5/per-class accuracy and a confusion matrix", allow_abbrev=False)
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", nargs="?", help="a run directory or model file")
@@ -543,7 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", choices=["logistic"], help="also fit a logistic-regression probe on the same shots")
     p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
     p.add_argument("--device", default="auto")
-    p.add_argument("--cache-dir", default=FEATURE_CACHE, help=f"extracted features are kept here ({FEATURE_CACHE})")
+    if wanted("fewshot"):
+        from .fewshot import FEATURE_CACHE
+        p.add_argument("--cache-dir", default=FEATURE_CACHE, help=f"extracted features are kept here ({FEATURE_CACHE})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=cmd_fewshot)
 
@@ -558,16 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the new data (train and test splits)")
     p.add_argument("--image-size", type=int, help="fine-tuning resolution (default: the checkpoint's)")
     p.add_argument("--out", metavar="RUN", help="output directory (default runs/finetune-<time>)")
-    p.add_argument("--lr", default=",".join(map(str, LR_SWEEP)),
-                   help="learning rate, or comma-separated values to sweep (default: the paper's %(default)s)")
-    p.add_argument("--minival", type=float, default=MINIVAL, help="share of train that chooses the lr (%(default)s)")
+    if wanted("finetune"):
+        from .transfer import LR_SWEEP, MINIVAL
+        p.add_argument("--lr", default=",".join(map(str, LR_SWEEP)),
+                       help="learning rate, or comma-separated values to sweep (default: the paper's %(default)s)")
+        p.add_argument("--minival", type=float, default=MINIVAL, help="share of train that chooses the lr (%(default)s)")
     p.add_argument("--freeze", choices=["backbone"], help="train the head only (a linear probe by gradient descent)")
     p.add_argument("--train-blocks", type=int, metavar="K",
                    help="train only the last K blocks, the final norm and the head")
     p.add_argument("--keep-pre-logits", action="store_true", help="keep the pre-trained representation layer")
     p.add_argument("--posemb-mode", choices=["scipy", "bilinear", "bicubic"], default="scipy",
                    help="position-embedding resampling (default scipy: the official corner-aligned linear zoom)")
-    p.set_defaults(func=cmd_finetune, config_options=add_finetune_options(p))
+    p.set_defaults(func=cmd_finetune, config_options=add_finetune_options(p) if wanted("finetune") else [])
 
     p = sub.add_parser("hub", help="released pretrained models: list, info, download, import, cache")
     hub_sub = p.add_subparsers(dest="hub_command", required=True)
@@ -618,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped, never crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command=next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
     received: list[int] = []
 
     def stop(signum: int, frame: object) -> None:  # SIGTERM outside the training loop: as Ctrl-C
@@ -637,9 +655,11 @@ def main(argv: list[str] | None = None) -> int:
               f"free space", file=sys.stderr)
         return 2
     except Interrupted as err:  # SIGINT / SIGTERM during training: a checkpoint was saved first
+        from .distributed import print0
         print0(f"vitlab {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
     except TrainingDiverged as err:  # NaN / inf: the last good checkpoint is kept
+        from .distributed import print0
         print0(f"vitlab {args.command}: error: {err}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as err:  # an optional extra that is not installed

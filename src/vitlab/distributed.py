@@ -111,6 +111,11 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
     return torch.device("cuda", local_rank)
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast on CPU or CUDA, or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def init_distributed(device: str = "auto", *, timeout_s: float = 600.0) -> DistEnv:
     """Read torchrun's environment, pick the device, and join the process group if N > 1.
 

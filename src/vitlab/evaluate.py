@@ -14,7 +14,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import as_pair
-from .distributed import DistEnv, even_batches, sum_across_ranks
+from .data import DataConfig, Loader, build_data
+from .distributed import DistEnv, autocast, even_batches, resolve_device, sum_across_ranks
+from .hub import is_pretrained_name, load_model
+from .run import CONFIG_FILE, load_run_config
 
 
 @dataclass
@@ -68,7 +71,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         x, y = x.to(device), y.to(device)
         if y.ndim != 1:
             raise ValueError(f"evaluation needs class-index labels (B,), got shape {tuple(y.shape)}")
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             logits = model(x).float()  # (B, classes)
             if flip_tta:
                 logits = (logits + model(x.flip(-1)).float()) / 2
@@ -98,10 +101,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
     seed are reused, so ``val`` is the same held-out set as in training. ``split``: ``test``
     (the default when there is one), ``val`` or ``train``.
     """
-    from .data import DataConfig, Loader, build_data
-    from .hub import is_pretrained_name, load_model
-    from .train import CONFIG_FILE, load_run_config, resolve_device
-
     named = isinstance(checkpoint, str) and not Path(checkpoint).exists() and is_pretrained_name(checkpoint)
     if not named and not Path(checkpoint).exists():
         raise FileNotFoundError(f"{checkpoint} does not exist: pass a run directory, a model file or --model NAME")

@@ -1,7 +1,7 @@
 """Named training recipes (``vitlab train --recipe NAME``): data, each with its source.
 
 Any field can still be overridden on the command line (``--lr 3e-4 --depth 6``) or with
-``vitlab.train.override(recipe("cifar10"), lr=3e-4)``.
+``vitlab.trainconfig.override(recipe("cifar10"), lr=3e-4)``.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from .data import DataConfig
 from .optim import OptimConfig
-from .train import TrainConfig
+from .trainconfig import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A run directory: what may start or continue there, and the lock that keeps it to one process.
+"""A run directory: its files, config.json, metrics.jsonl, what may start or continue there, and
+the lock that keeps it to one process.
 
 A new run needs an empty (or new) folder; ``--resume`` needs a vitlab run with a checkpoint
 (``state.pt``). The process that trains holds an exclusive lock on ``RUN/.lock`` (``fcntl``; the
@@ -10,12 +11,18 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from .checkpoint import atomic_write
+from .trainconfig import TrainConfig, config_from_dict
 
 LOCK_FILE = ".lock"
 CONFIG_FILE, STATE_FILE, METRICS_FILE = "config.json", "state.pt", "metrics.jsonl"
+LAST_FILE, BEST_FILE, CURVES_FILE = "last.safetensors", "best.safetensors", "curves.png"
 
 
 def _describe(run: Path) -> str:
@@ -107,3 +114,45 @@ class RunLock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing releases the lock
             self._fd = None
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The resolved config of the run in ``run_dir`` (its ``config.json``)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} does not exist")
+    try:
+        return config_from_dict(json.loads(path.read_text())["train"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a vitlab run config ({err!r}); is it corrupted?") from err
+
+
+class MetricsLog:
+    """``metrics.jsonl``, one JSON record per line; resuming first drops records after the resumed step."""
+
+    def __init__(self, path: Path, *, keep_until: int) -> None:
+        kept = [r for r in read_metrics(path) if r["step"] <= keep_until] if path.exists() else []
+        write_json_lines(path, kept)
+        self.file = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a torn last line from a crash is ignored)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))

@@ -2,7 +2,7 @@
 
 The pre-trained head (and the pre-logits layer unless kept) gives way to a zero-initialised
 head for the new classes, and the position embeddings are resampled to the new patch grid
-(by default the official code's corner-aligned linear zoom, ``"scipy"``). Training is the one
+(by default the official code's corner-aligned linear zoom, ``"scipy"``; `surgery.py`). Training is the one
 loop of ``vitlab.train`` with the ``finetune`` recipe: the run's ``init_from`` names the
 checkpoint and ``train_blocks`` what is trained. ``finetune`` sweeps learning rates on a held-out
 minival, then trains the best one on the whole training set and reports test accuracy.
@@ -15,63 +15,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import load_state_dict_checked, write_json
+from .checkpoint import write_json
 from .config import replace_checked
+from .evaluate import evaluate_checkpoint
 from .hub import is_pretrained_name, load_model, model_file
 from .models import get_spec, list_models
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from .recipes import recipe
+from .run import LAST_FILE
+from .train import train
+from .trainconfig import TrainConfig, override
 
 LR_SWEEP = (0.001, 0.003, 0.01, 0.03)  # the paper's fine-tuning sweep (Appendix B.1.1)
 MINIVAL = 0.02  # fraction of the training set held out to choose the learning rate, as in the paper
 SUMMARY_FILE = "finetune.json"
-
-
-def adapt_model(model: nn.Module, *, num_classes: int, image_size: int | tuple[int, int] | None = None,
-                posemb_mode: str = "scipy", keep_pre_logits: bool = False) -> nn.Module:
-    """In place: a zero head for ``num_classes`` (pre-logits dropped unless kept), position
-    embeddings resampled to ``image_size`` with ``posemb_mode`` (the model's cfg records it)."""
-    model.reset_head(num_classes, keep_pre_logits=keep_pre_logits)
-    model.set_image_size(image_size or model.cfg.image_size, mode=posemb_mode)
-    if hasattr(model.cfg, "posemb_mode"):  # a BiT ResNet has no position embeddings
-        model.cfg = replace_checked(model.cfg, posemb_mode=posemb_mode)
-    return model
-
-
-def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike) -> None:
-    """Copy a checkpoint's weights into ``model`` (a fresh model of the fine-tuning config),
-    adapting the checkpoint's head and position embeddings to ``model``'s classes and grid."""
-    source = load_model(checkpoint).model
-    cfg = model.cfg
-    adapt_model(source, num_classes=cfg.num_classes, image_size=cfg.image_size,
-                posemb_mode=getattr(cfg, "posemb_mode", "scipy"),
-                keep_pre_logits=bool(getattr(cfg, "representation_size", None)))
-    load_state_dict_checked(model, source.state_dict(), source=f"pre-trained checkpoint {checkpoint}")
-
-
-def freeze(model: nn.Module, train_blocks: int) -> None:
-    """Train only the last ``train_blocks`` blocks (a ViT's encoder blocks, a ResNet's residual
-    units), the final norm and the head (0: the head and pre-logits only, a frozen backbone;
-    -1: everything)."""
-    if train_blocks < 0:
-        model.requires_grad_(True)
-        return
-    units = list(model.blocks) if hasattr(model, "blocks") else [u for stage in model.stages for u in stage]
-    if train_blocks > len(units):
-        raise ValueError(f"train_blocks {train_blocks} exceeds the model's {len(units)} blocks; use at most "
-                         f"{len(units)} (or -1 to train everything)")
-    model.requires_grad_(False)
-    trained = [model.head, getattr(model, "pre_logits", nn.Identity())]
-    if train_blocks:
-        trained += [model.norm, *units[len(units) - train_blocks:]]
-    for module in trained:
-        module.requires_grad_(True)
 
 
 def _preset_for(cfg: Any, named: str | None) -> str:
@@ -90,10 +50,7 @@ def finetune_config(checkpoint: str | os.PathLike, data: str, *, image_size: int
                     posemb_mode: str = "scipy", keep_pre_logits: bool = False, train_blocks: int = -1,
                     **overrides: Any) -> TrainConfig:
     """The ``finetune`` recipe for ``checkpoint`` on ``data``: its architecture at ``image_size``
-    (default: the checkpoint's), started from its weights; ``overrides`` as in ``vitlab.train.override``."""
-    from .recipes import recipe
-    from .train import override
-
+    (default: the checkpoint's), started from its weights; ``overrides`` as in ``vitlab.trainconfig.override``."""
     named = isinstance(checkpoint, str) and not Path(checkpoint).exists() and is_pretrained_name(checkpoint)
     loaded = load_model(checkpoint)
     pre = loaded.config
@@ -133,9 +90,6 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, lrs: list[float] | tuple[
     ``out/lr_<lr>`` on the training set minus a stratified ``minival`` share and the best on
     minival is chosen; the chosen lr then trains on the whole training set into ``out/final``,
     which is evaluated on the test split (val where there is no test). Writes ``out/finetune.json``."""
-    from .evaluate import evaluate_checkpoint
-    from .train import LAST_FILE, override, train
-
     start = time.perf_counter()
     out = Path(out)
     lrs = list(dict.fromkeys(lrs))

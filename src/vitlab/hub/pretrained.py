@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..accel import accelerate
 from ..checkpoint import LoadedModel, load_state_dict_checked, resolve_model_file
 from ..checkpoint import load_model as load_model_file
 from ..config import replace_checked
@@ -120,7 +121,7 @@ def load_entry(entry: Pretrained, path: Path, *, map_location: str | torch.devic
     meta = {"pretrained": entry.name, "model": entry.architecture or None, "file": str(path),
             "preprocess": preprocess_dict(preprocess), "license": entry.license, "accuracy": entry.accuracy,
             "source": entry.source}
-    return LoadedModel(model.eval(), class_names, meta)
+    return LoadedModel(accelerate(model).eval(), class_names, meta)
 
 
 def _square(size: int | tuple[int, int]) -> int:
@@ -156,16 +157,16 @@ def create_model(name: str, pretrained: bool = False, *, num_classes: int | None
     """
     if not pretrained:
         if "." not in name and not name.startswith(HF_PREFIX):
-            return create_fresh(name, num_classes=num_classes, image_size=image_size, **overrides)
+            return accelerate(create_fresh(name, num_classes=num_classes, image_size=image_size, **overrides))
         entry = entry_for(name)
         if not entry.architecture:
             raise ValueError(f"{name} names no vitlab preset; pass pretrained=True to read its architecture")
-        return create_fresh(entry.architecture, num_classes=num_classes or entry.num_classes,
-                            image_size=image_size or entry.image_size, **overrides)
+        return accelerate(create_fresh(entry.architecture, num_classes=num_classes or entry.num_classes,
+                                       image_size=image_size or entry.image_size, **overrides))
     loaded = load_pretrained(name)
     model, class_names = loaded.model, loaded.class_names
     if overrides:
-        fresh = build_model(replace_checked(model.cfg, **overrides))
+        fresh = accelerate(build_model(replace_checked(model.cfg, **overrides)))
         load_state_dict_checked(fresh, model.state_dict(), source=name)
         model = fresh.eval()
     if num_classes is not None and num_classes != model.cfg.num_classes:

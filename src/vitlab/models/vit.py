@@ -56,11 +56,6 @@ def zero_head(num_features: int, num_classes: int, like: torch.Tensor | None = N
     return head if like is None else head.to(device=like.device, dtype=like.dtype)
 
 
-# A conv stem runs on channels-last (NHWC) images on CPUs, oneDNN's native layout: the cifar10
-# recipe's training step 1.04x / 1.06x / 1.15x faster at 16 / 24 / 32 px (benchmarks/recipe_step.py).
-STEM_CHANNELS_LAST = True
-
-
 class PatchEmbed(nn.Module):
     """Flatten P x P patches and project them linearly (a strided conv is the same map).
 
@@ -84,8 +79,6 @@ class PatchEmbed(nn.Module):
     def grid(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> token grid (B, D, H/P, W/P)."""
         check_images(x, self.in_channels, self.patch_size, f"patch size {self.patch_size}")
-        if self.stem and STEM_CHANNELS_LAST and x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's native layout for convolutions
         return self.proj(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,51 +91,9 @@ def stem_strides(cfg: ViTConfig) -> list[int]:
     return [2 if i < halvings else 1 for i in range(len(cfg.conv_stem))]
 
 
-def sdpa_is_faster(x: torch.Tensor) -> bool:
-    """Whether SDPA's fused kernels beat :func:`matmul_attention` on ``x`` (a rule, not a timing).
-
-    GPUs: always. CPUs (measured on AVX-512/bf16 Zen 4): in fp32 only; in bf16 (or under
-    autocast) the CPU flash kernel is 1.5-2x slower forward and up to 5x slower backward.
-    """
-    return x.device.type != "cpu" or (x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
-
-
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     dropout: nn.Module) -> torch.Tensor:
-    """softmax(q k^T * scale) v as two batched matmuls, the scale folded into the first.
-
-    q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim).
-    """
-    b, h, n, d = q.shape
-    q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
-    scores = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=scale)  # (B*heads, N, N)
-    # Without autograd the weights overwrite the scores: one (B*heads, N, N) buffer fewer at the peak.
-    weights = scores.softmax(dim=-1) if scores.requires_grad else torch.softmax(scores, -1, out=scores)
-    return torch.bmm(dropout(weights), v).view(b, h, n, d)
-
-
-def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`fused_linear` applies: bf16 inference on CPU (no autograd, no autocast), ``x``
-    in the weights' dtype. (fp32 keeps the eager ops: not measured fused.)"""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available())
-
-
-def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: str | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``layer(x)``, ``gelu(layer(x))`` or ``residual + layer(x)`` as one oneDNN kernel: bias,
-    activation and add applied to the fp32 accumulator, rounded once (no separate bias copy as in
-    ``addmm``). Inference only (no backward); see :func:`fusable`."""
-    if residual is not None:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
-    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none", [], gelu or "")
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention: fused (the fastest kernel for the input), or an explicit softmax.
+    """Multi-head self-attention: fused (PyTorch's SDPA), or an explicit softmax.
 
-    ``fused=True`` runs SDPA where :func:`sdpa_is_faster`, else :func:`matmul_attention`;
     ``fused=False`` runs the explicit path, whose weights pass through ``attn_drop`` (where
     hooks see them) and are what :meth:`attention_weights` returns.
     """
@@ -157,30 +108,26 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(cfg.attention_dropout)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> q, k, v, each (B, heads, N, head_dim)."""
         b, n, d = x.shape
-        qkv = fused_linear(x, self.qkv) if fusable(x, self.qkv.weight) else self.qkv(x)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)  # 3 x (B, heads, N, head_dim)
+        return self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit path's softmax(q k^T / sqrt(d)): (B, N, D) -> (B, heads, N, N)."""
-        q, k, _ = self._qkv(x)
+        q, k, _ = self.qkv_heads(x)
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N, D) -> (B, N, D); with ``residual`` (CPU inference, :func:`fusable`) returns
-        ``residual + attention(x)``, the add fused into the output projection."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v, dropout on the weights: (B, heads, N, head_dim) -> the same."""
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self._qkv(x)
-        if not self.fused:
-            out = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
-        elif sdpa_is_faster(x):
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            out = matmul_attention(q, k, v, self.scale, self.attn_drop)
-        out = out.transpose(1, 2).reshape(b, n, d)
-        return self.proj(out) if residual is None else fused_linear(out, self.proj, residual=residual)
+        out = self.attend(*self.qkv_heads(x))  # (B, heads, N, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class Mlp(nn.Module):
@@ -193,12 +140,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N, D) -> (B, N, D); with ``residual`` (CPU inference, :func:`fusable`) returns
-        ``residual + mlp(x)``, bias+GELU and the add fused into the matmuls."""
-        if residual is None:
-            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-        return fused_linear(fused_linear(x, self.fc1, gelu=self.act.approximate), self.fc2, residual=residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class MAPHead(nn.Module):
@@ -264,9 +207,6 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fusable(x, self.mlp.fc1.weight) and not self.training:  # dropouts are identities
-            x = self.attn(self.norm1(x), residual=x)
-            return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.drop(self.attn(self.norm1(x))))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -354,8 +294,13 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens with position embeddings (B, prefix + N, D)."""
         h, w = x.shape[-2:] if x.ndim == 4 else (None, None)
-        expected = as_pair(self.cfg.image_size)
         x = self.patch_embed(x.to(self.pos_embed.dtype))  # validates rank, channels, divisibility
+        return self.add_posemb(x, (h, w))
+
+    def add_posemb(self, x: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens (B, N, D) of images of ``image_size`` -> [class] + tokens + posemb (B, prefix + N, D)."""
+        h, w = image_size
+        expected = as_pair(self.cfg.image_size)
         pos_embed = self.pos_embed
         if (h, w) != expected:
             if not self.cfg.dynamic_image_size:
@@ -409,8 +354,7 @@ class VisionTransformer(nn.Module):
         """Named intermediates: stem, with_posemb, block_00.., encoded, head_input, pre_logits, logits."""
         x = x.to(self.pos_embed.dtype)  # fp32 images work with bf16 weights (vitlab.optimize)
         out: dict[str, torch.Tensor] = {"stem": self.patch_embed(x)}
-        x = self.embed(x)
-        out["with_posemb"] = x
+        out["with_posemb"] = x = self.add_posemb(out["stem"], x.shape[-2:])
         for i, block in enumerate(self.blocks):
             x = block(x)
             out[f"block_{i:02d}"] = x
