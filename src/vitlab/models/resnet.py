@@ -114,7 +114,8 @@ class ResNetV2(nn.Module):
         self.stages = make_stages(PreActBottleneck, stem, cfg.layers, cfg.widths, cfg)
         self.norm = nn.GroupNorm(cfg.num_groups, self.num_features, eps=cfg.gn_eps)
         self.head = zero_head(self.num_features, cfg.num_classes)
-        self.init_weights()
+        if not self.norm.weight.is_meta:  # on the meta device there are only shapes: nothing to initialise
+            self.init_weights()
 
     @property
     def num_features(self) -> int:

@@ -244,7 +244,8 @@ class VisionTransformer(nn.Module):
         self.pre_logits = self._make_pre_logits(cfg)
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = zero_head(cfg.representation_size or d, cfg.num_classes)
-        self.init_weights()
+        if not self.pos_embed.is_meta:  # on the meta device there are only shapes: nothing to initialise
+            self.init_weights()
 
     @staticmethod
     def _make_patch_embed(cfg: ViTConfig) -> nn.Module:
