@@ -385,3 +385,17 @@ def test_a_signal_during_start_up_is_one_line(cifar, tmp_path, capsys, monkeypat
     assert rc == 128 + getattr(signal, signum)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["trian"], "did you mean train?"),
+    (["eval", "run", "--flip"], "--flip -> --flip-tta"),
+    (["train", "--learning-rat", "1"], "unrecognized arguments: --learning-rat 1"),
+])
+def test_a_misspelt_verb_or_option_names_the_nearest(argv, expect, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and expect in err
+    if argv[0] != "trian":  # the verb's own usage, not the top-level one
+        assert f"usage: vitlab {argv[0]}" in err and f"see `vitlab {argv[0]} --help`" in err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import signal
 import sys
@@ -470,6 +471,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer, end to end.")
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.verbs = sub.choices  # name -> its parser (for `did you mean`)
 
     p = sub.add_parser("models", help="list model presets with parameters and FLOPs")
     p.add_argument("filter", nargs="?", default="", help="only names containing this")
@@ -631,12 +633,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "bench": ("timm", "transformers")}
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; a misspelt verb or option is an error that names the nearest ones."""
+    verb = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command=verb)
+    if verb and verb not in parser.verbs and (near := difflib.get_close_matches(verb, parser.verbs, n=3)):
+        parser.error(f"unknown command {verb!r}; did you mean {' or '.join(near)}?")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser.verbs[args.command]
+        known = [o for action in sub._actions for o in action.option_strings]
+        hints = [f"{name} -> {' / '.join(near)}" for name in (a.split("=")[0] for a in extra if a.startswith("--"))
+                 if (near := difflib.get_close_matches(name, known, n=3, cutoff=0.7))]
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean: {'; '.join(hints)}?)" if hints else "")
+                  + f"; see `vitlab {args.command} --help`")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped, never crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(command=next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
+    args = parse_args(argv)
     received: list[int] = []
 
     def stop(signum: int, frame: object) -> None:  # SIGTERM outside the training loop: as Ctrl-C
