@@ -399,3 +399,18 @@ def test_a_misspelt_verb_or_option_names_the_nearest(argv, expect, capsys):
     assert exit_info.value.code == 2 and expect in err
     if argv[0] != "trian":  # the verb's own usage, not the top-level one
         assert f"usage: vitlab {argv[0]}" in err and f"see `vitlab {argv[0]} --help`" in err
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_verb_imports_is_one_line(capsys, monkeypatch, signum):
+    import signal
+
+    import vitlab.cli as cli
+
+    def interrupted_import(*args, **kw):  # building train's options imports torch: seconds on these machines
+        signal.raise_signal(getattr(signal, signum))
+
+    monkeypatch.setattr(cli, "add_train_options", interrupted_import)
+    assert main(["train", "--help"]) == 128 + getattr(signal, signum)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vitlab train: interrupted" in err and "Traceback" not in err

@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
     received: list[int] = []
 
     def stop(signum: int, frame: object) -> None:  # SIGTERM outside the training loop: as Ctrl-C
@@ -664,28 +664,29 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
+        args = parse_args(argv)  # a verb's options come from the configs: this imports torch
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"vitlab {args.command}: error: {err}", file=sys.stderr)
+        print(f"vitlab {command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a read-only folder, a full disk, a path that is a file: one line, the path named
         where = f" ({err.filename})" if err.filename else ""
-        print(f"vitlab {args.command}: error: {err.strerror or err}{where}; check the path, its permissions and "
+        print(f"vitlab {command}: error: {err.strerror or err}{where}; check the path, its permissions and "
               f"free space", file=sys.stderr)
         return 2
     except Interrupted as err:  # SIGINT / SIGTERM during training: a checkpoint was saved first
         from .distributed import print0
-        print0(f"vitlab {args.command}: {err}", file=sys.stderr)
+        print0(f"vitlab {command}: {err}", file=sys.stderr)
         return 128 + err.signum
     except TrainingDiverged as err:  # NaN / inf: the last good checkpoint is kept
         from .distributed import print0
-        print0(f"vitlab {args.command}: error: {err}", file=sys.stderr)
+        print0(f"vitlab {command}: error: {err}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as err:  # an optional extra that is not installed
         extra = next((e for e, mods in EXTRAS.items() if (err.name or "").split(".")[0] in mods), None)
         if extra is None:
             raise
-        print(f"vitlab {args.command}: error: this needs {err.name}, which is not installed: "
+        print(f"vitlab {command}: error: this needs {err.name}, which is not installed: "
               f"pip install 'vitlab[{extra}]'", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`: stop quietly
@@ -693,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:  # before the loop started (start-up, data loading), or a second Ctrl-C
         name = "SIGTERM" if received else "Ctrl-C"
-        print(f"vitlab {args.command}: interrupted ({name}) before anything was saved", file=sys.stderr)
+        print(f"vitlab {command}: interrupted ({name}) before anything was saved", file=sys.stderr)
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
