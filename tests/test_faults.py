@@ -414,3 +414,26 @@ def test_a_signal_while_the_verb_imports_is_one_line(capsys, monkeypatch, signum
     assert main(["train", "--help"]) == 128 + getattr(signal, signum)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vitlab train: interrupted" in err and "Traceback" not in err
+
+
+def test_a_full_disk_is_one_line_naming_the_model_file(cifar, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import vitlab.checkpoint as ckpt
+    import vitlab.train as t
+
+    def full(*args, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_png(records, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    monkeypatch.setattr(t, "plot_curves", full_png)
+    rc = main(["train", "--recipe", "demo", "--data", str(cifar), "--steps", "2", "--batch-size", "16",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "No space left on device" in err and ".safetensors" in err and "curves.png" not in err
+    assert not list((tmp_path / "run").glob("*.safetensors")) and not list((tmp_path / "run").glob(".*.tmp"))

@@ -6,8 +6,10 @@ safetensors for weights, ``torch.load(weights_only=True)`` for training state.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,7 +101,14 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, class_names: list[s
         "class_names": json.dumps(class_names),
         "meta": json.dumps(meta or {}),
     }
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as err:  # safetensors reports a full disk as its own error: make it an OSError
+            code = re.search(r"os error (\d+)", str(err))
+            raise OSError(int(code.group(1)) if code else errno.EIO, os.strerror(int(code.group(1))) if code
+                          else str(err), str(path)) from None
+    return atomic_write(path, write)
 
 
 def resolve_model_file(path: str | os.PathLike) -> Path:

@@ -364,10 +364,14 @@ class Loop:
         self.tick = time.perf_counter()
 
     def close(self) -> None:
+        """Also after an error: the curves show what happened (a full disk may not let them be drawn)."""
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
-            plot_curves(read_metrics(self.run / METRICS_FILE), self.run / CURVES_FILE)
+            try:
+                plot_curves(read_metrics(self.run / METRICS_FILE), self.run / CURVES_FILE)
+            except OSError as err:  # the error that stopped the run is the one to report
+                self.log(f"could not draw {self.run / CURVES_FILE}: {err.strerror or err}")
 
 
 def resume(run_dir: str | os.PathLike, *, log: Callable[[str], None] = tqdm.write, **changes: Any) -> TrainResult:
