@@ -106,14 +106,40 @@ def test_pace_replans_without_breaking_the_schedules():
 
 def test_pacer_sizes_the_steps_left_from_the_measured_speed():
     sizing = {"step_s_by_size": {16: 0.005, 32: 0.01}, "eval_s": 0.0, "checkpoint_s": 0.0}
-    pacer = Pacer(sizing, time.perf_counter() + 1.0, lambda position, plan: 32, every=5, eval_every=10**6,
-                  checkpoint_every=10**6)
+    pacer = Pacer(sizing, time.perf_counter() + 1.0, lambda position, plan: 32, every=5, every_s=60.0,
+                  eval_every=10**6, checkpoint_every=10**6)
     for _ in range(5):
         pacer.record(32, 0.02)  # steps take twice what the probe said
     left = pacer.replan(Pace(plan=100, total=100), 5).total - 5
     assert 40 <= left <= 50  # ~1 s at 0.02 s a step
     assert pacer.step_s(32) == 0.02 and pacer.step_s(16) == pytest.approx(0.01)  # unseen: the probe's x 2
     assert step_seconds(sizing["step_s_by_size"], 24) == pytest.approx(0.005 + 0.005 * (24**2 - 16**2) / (32**2 - 16**2))
+
+
+def test_a_run_that_slows_late_replans_by_time_and_its_schedule_finishes(monkeypatch):
+    """100 s planned at 0.1 s a step; from step 900 (90 s) each step takes 1 s (10x). Re-planning
+    every 1/40 of the steps alone would see it 25 slow steps later, past the deadline."""
+    from vitlab import budget
+
+    clock = [0.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    sizing = {"step_s_by_size": {32: 0.1}, "eval_s": 0.0, "checkpoint_s": 0.0}
+    pacer = Pacer(sizing, 100.0, lambda position, plan: 32, every=25, every_s=1.0, eval_every=10**6,
+                  checkpoint_every=10**6)
+    pace, done, positions = Pace(plan=1000, total=1000), 0, []
+    while done < pace.total:
+        positions.append(pace.position(done))
+        step_s = 0.1 if done < 900 else 1.0
+        clock[0] += step_s
+        pacer.record(32, step_s)
+        done += 1
+        if pacer.due(done) and done < pace.total:
+            pace = pacer.replan(pace, done)
+    assert positions[-1] == 999  # the schedules ended (the lr at its final value), not cut at 54%
+    assert all(a <= b for a, b in zip(positions, positions[1:]))
+    assert max(b - a for a, b in zip(positions[-6:], positions[-5:])) < 40  # decayed, not dropped at the end
+    assert clock[0] <= 100.0 + 3 * 1.0  # on time, within a few slow steps
+    assert done < 1000  # the slow part was squeezed
 
 
 # ---------------------------------------------------------------- the loop

@@ -78,21 +78,23 @@ class Pacer:
     """Keeps a time-budget run on its deadline: re-plans the steps left from the speed measured so far.
 
     The probe before step 0 sees a few steps; the machine's load can change after it, and its
-    model of the sizes between the smallest and the full one is linear. Every ``every`` steps
-    the steps left are sized again: each image size costs the median of its last measured
+    model of the sizes between the smallest and the full one is linear. Every ``every`` steps,
+    and at least every ``every_s`` seconds (a run that becomes much slower late re-plans in time
+    for its schedule to finish), the steps left are sized again: each image size costs the median of its last measured
     steps, and a size not yet reached costs the probe's estimate scaled by how far the current
     size's measurement is from the probe's.
     """
 
     def __init__(self, sizing: dict[str, Any], deadline: float, size_at: Callable[[float, int], int], *,
-                 every: int, eval_every: int, checkpoint_every: int) -> None:
-        self.sizing, self.deadline, self.size_at, self.every = sizing, deadline, size_at, every
+                 every: int, every_s: float, eval_every: int, checkpoint_every: int) -> None:
+        self.sizing, self.deadline, self.size_at, self.every, self.every_s = sizing, deadline, size_at, every, every_s
+        self.planned_at = time.perf_counter()
         self.intervals = {"eval_every": eval_every, "checkpoint_every": checkpoint_every}
         self.measured: dict[int, collections.deque[float]] = {}  # image size -> its last step times
         self.size = 0  # the last size with enough measured steps
 
     def record(self, size: int, seconds: float) -> None:
-        times = self.measured.setdefault(size, collections.deque(maxlen=25))
+        times = self.measured.setdefault(size, collections.deque(maxlen=9))  # recent: a slowdown shows within 5 steps
         times.append(seconds)
         if len(times) >= 5:  # a size's first steps include one-off set-up: wait for a few
             self.size = size
@@ -109,15 +111,21 @@ class Pacer:
             return statistics.median(self.measured[size])
         return step_seconds(self.sizing["step_s_by_size"], size) * self.slower()
 
+    def due(self, done: int) -> bool:
+        """Whether to re-plan after ``done`` steps: every ``every`` steps or ``every_s`` seconds."""
+        return done % self.every == 0 or time.perf_counter() - self.planned_at >= self.every_s
+
     def replan(self, pace: Pace, done: int) -> Pace:
-        """``pace`` with the steps after ``done`` sized to end by the deadline (0 when it has passed)."""
+        """``pace`` with the steps after ``done`` sized to end by the deadline (when it has passed, one
+        step: the schedules still end, at the learning rate's final value)."""
+        self.planned_at = time.perf_counter()
         start = pace.position(done)
         points = [start + (pace.plan - 1 - start) * i / 99 for i in range(100)]
         step_s = statistics.fmean(self.step_s(self.size_at(p, pace.plan)) for p in points)
         left = steps_for_budget(self.deadline - time.perf_counter(), step_s=step_s,
                                 eval_s=self.slower() * self.sizing["eval_s"], ckpt_s=self.sizing["checkpoint_s"],
                                 **self.intervals)
-        return pace.replan(done, max(0, left))
+        return pace.replan(done, max(1, left))  # past the deadline: one last step, at the schedules' end
 
 
 def measure_speed(model: nn.Module, cfg: TrainConfig, loader: Loader, eval_loader: Loader | None,

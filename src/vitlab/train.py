@@ -177,7 +177,7 @@ def start_or_resume(cfg: TrainConfig, run: Path, state: TrainState, data: TrainD
     state.pace = Pace(cfg.steps, cfg.steps)
     pacer = None if sizing is None else Pacer(
         sizing, started + sizing["seconds"], size_schedule(cfg), every=max(1, cfg.steps // 40),
-        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
+        every_s=sizing["seconds"] / 100, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
     return cfg, pacer
 
 
@@ -247,8 +247,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                                          f"of unreadable images were skipped; remove the files reported above") from None
                     loss_value, grad_norm = loop.update(loss)  # clip, check, step, EMA (none without a loss)
                     state.step = done = state.step + 1
-                    signum = int(max_across_ranks([stop.signum], env).item())  # all processes stop at one step
-                    loop.record(done, loss_value, grad_norm, lr, image_size, pacer)
+                    due = pacer is not None and pacer.due(done) and done < state.pace.total
+                    signum, replan = (int(v) for v in max_across_ranks([stop.signum, due], env).tolist())  # as one
+                    loop.record(done, loss_value, grad_norm, lr, image_size, pacer, replan=bool(replan))
                     if data.eval_loader is not None and (every(done, cfg.eval_every) or done == state.pace.total):
                         loop.evaluate(done)
                     if every(done, cfg.checkpoint_every) or done == state.pace.total or signum:
@@ -309,13 +310,13 @@ class Loop:
         return loss_value, grad_value
 
     def record(self, done: int, loss: float | None, grad_norm: float | None, lr: float, image_size: int,
-               pacer: Pacer | None) -> None:
+               pacer: Pacer | None, *, replan: bool) -> None:
         """Re-plan a budget run; log the step to metrics.jsonl and the progress bar."""
         step_s = time.perf_counter() - self.tick
         state, cfg = self.state, self.cfg
         if pacer is not None:
             pacer.record(image_size, step_s)
-            if every(done, pacer.every) and done < state.pace.total:
+            if replan:
                 state.pace = broadcast_object(pacer.replan(state.pace, done), self.env)  # rank 0's plan
                 self.bar.total = state.pace.total
         if self.metrics is not None:
