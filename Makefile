@@ -9,7 +9,7 @@ ifndef RUN  # the demo's run directory, one per invocation
 RUN    := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The slow cases (marked `slow`, left out of `make test`): the kill matrix of tests/test_kill_matrix.py.
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) runs

@@ -25,6 +25,11 @@ CONFIG_FILE, STATE_FILE, METRICS_FILE = "config.json", "state.pt", "metrics.json
 LAST_FILE, BEST_FILE, CURVES_FILE = "last.safetensors", "best.safetensors", "curves.png"
 
 
+def is_temporary(path: Path) -> bool:
+    """A file left by a killed write (atomic_write's ``.NAME.*.tmp``, safetensors' ``.tmpXXXX``)."""
+    return path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.startswith(".tmp"))
+
+
 def _describe(run: Path) -> str:
     """What a folder holds, for error messages: ``config.json, metrics.jsonl (614 lines), ...``."""
     parts = []
@@ -42,7 +47,7 @@ def check_run_dir(run: Path, *, resume: bool) -> None:
     without a checkpoint for ``--resume``."""
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out {run} is a file, not a folder; pass a new folder name")
-    holds = run.is_dir() and any(p.name != LOCK_FILE for p in run.iterdir())
+    holds = run.is_dir() and any(p.name != LOCK_FILE and not is_temporary(p) for p in run.iterdir())
     if resume:
         if not (run / CONFIG_FILE).is_file():
             raise ValueError(f"{run} is not a vitlab run (no {CONFIG_FILE}); nothing to resume")
@@ -104,9 +109,8 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
-        for pattern in (".*.tmp", ".tmp*"):  # left by a killed write (atomic_write's and safetensors' temp files)
-            for tmp in self.run.glob(pattern):
-                tmp.unlink(missing_ok=True)
+        for tmp in filter(is_temporary, self.run.iterdir()):
+            tmp.unlink(missing_ok=True)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
