@@ -11,9 +11,9 @@ from torch import nn
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` (the benchmarks folder is not a package)."""
+    """Import ``benchmarks/<name>.py``, e.g. ``"cifar/cifar10_budget"`` (the folders are not packages)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    spec = importlib.util.spec_from_file_location(f"{name.replace('/', '_')}_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

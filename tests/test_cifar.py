@@ -159,7 +159,7 @@ def test_conv_stem_channels_last_matches_nchw_forward_and_backward(monkeypatch):
 
 
 def test_budget_table_versions_recipes_by_what_they_set(monkeypatch):
-    budget = load_benchmark("cifar10_budget")
+    budget = load_benchmark("cifar/cifar10_budget")
     version = budget.recipe_version("cifar10")
     cfg = RECIPES["cifar10"].config
     monkeypatch.setitem(RECIPES, "cifar10", replace(RECIPES["cifar10"], config=replace(cfg, eval_batch_size=256)))

@@ -1,5 +1,5 @@
 """BiT and hybrids through the ViT's commands (train, eval, predict, inspect), the 32-px presets,
-and a smoke run of benchmarks/compare.py on tiny data."""
+and a smoke run of benchmarks/compute/compare.py on tiny data."""
 import json
 
 import pytest
@@ -121,7 +121,7 @@ def test_32px_presets():
 
 
 def test_compare_benchmark_smoke(cifar, tmp_path):
-    compare = load_benchmark("compare")
+    compare = load_benchmark("compute/compare")
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Another benchmark\n\nkept\n")
     args = ["--data", str(cifar), "--models", "vit_mu8_32px", "--budgets", "16", "32", "--train-images", "40",

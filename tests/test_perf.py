@@ -7,6 +7,8 @@ import vitlab
 from vitlab import bench
 from vitlab.accel import matmul_attention, sdpa_is_faster
 
+from helpers import load_benchmark
+
 
 def tiny(**kw):
     # head_dim 12: the scale 1/sqrt(12) is not a power of two, so folding it is not exact
@@ -167,10 +169,24 @@ def test_bench_runs_every_variant_and_reports():
              bench.Case(model="vit_mu4_32px", batch=4, dtype="fp32", train=True))
     report = bench.run(cases, rounds=1, target_s=0.0, threads=1, compile=False, memory=False, clock="cpu",
                        log=lambda m: None)
+    targets = load_benchmark("speed/speed").format_targets(report.results)  # the project's, out of the library
+    text = report.text + "\n#### Targets\n\n" + targets
     for name in ("vitlab", "timm", "timm TIMM_FUSED_ATTN=0", "timm autocast", "HF sdpa", "HF eager", "Targets",
                  "load average", "torch " + torch.__version__.split("+")[0]):
-        assert name in report, name
-    assert "train step batch 4 fp32" in report
+        assert name in text, name
+    assert "train step batch 4 fp32" in report.text
+    assert ">= 1.2x best peer | vit_mu4_32px inference batch 2 bf16" in targets
+    assert "Targets" not in report.text and "not installed" not in report.text
+
+
+def test_bench_times_vitlab_alone_without_the_peers(monkeypatch):
+    monkeypatch.setattr(bench, "installed", lambda package: False)
+    case = bench.Case(model="vit_mu4_32px", batch=2, dtype="bf16")
+    report = bench.run((case,), rounds=1, target_s=0.0, threads=1, compile=False, memory=False, clock="cpu",
+                       log=lambda m: None)
+    assert [r.variant for r in report.results[0].rows] == ["vitlab"]
+    assert "not installed, so not timed: timm, transformers" in report.text
+    assert load_benchmark("speed/speed").format_targets(report.results).count("\n") == 1  # the header only
 
 
 def test_bench_memory_probe_measures_rss():

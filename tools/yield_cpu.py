@@ -1,8 +1,8 @@
 """Let a long background run use the CPU only when nothing else does: ``python tools/yield_cpu.py PID``.
 
 On these 2-core machines a 2-thread training beside any other CPU work runs ~10x slower (0.36 vs
-3.6 steps/s measured, one pytest beside it), and slows that work too. This pauses the process PID
-(SIGSTOP) while other processes use more than 0.3 of a core, and resumes it (SIGCONT) after 2 s
+3.6 steps/s measured, one pytest beside it), and slows that work too. This pauses the process PID and
+all below it (SIGSTOP) while other processes use more than 0.3 of a core, and resumes it (SIGCONT) after 2 s
 below 0.15. A fixed-epoch run then produces the same result, only later; tests run at full speed.
 Exits when PID does.
 """
@@ -42,6 +42,15 @@ def descendants(root: int) -> set[int]:
     return tree
 
 
+def signal_all(pids: set[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids`` (a script and the training it started, the loader's workers)."""
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
 def main() -> None:
     pid, hz = int(sys.argv[1]), os.sysconf("SC_CLK_TCK")
     stopped, quiet_for, before = False, 0, cpu_seconds()
@@ -51,12 +60,12 @@ def main() -> None:
         others = sum(t - before.get(p, t) for p, t in now.items() if p not in mine) / hz
         before = now
         if others > 0.3 and not stopped:
-            os.kill(pid, signal.SIGSTOP)
+            signal_all(mine - {os.getpid()}, signal.SIGSTOP)
             stopped, quiet_for = True, 0
         elif stopped and others < 0.15:
             quiet_for += 1
             if quiet_for >= 2:
-                os.kill(pid, signal.SIGCONT)
+                signal_all(mine - {os.getpid()}, signal.SIGCONT)
                 stopped = False
 
 

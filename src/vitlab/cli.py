@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -441,8 +442,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- bench
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Time vitlab against timm and transformers, interleaved; print (and save) the markdown report."""
+def run_bench(args: argparse.Namespace, log: Callable[[str], None]):
+    """The `vitlab bench` options run: the `vitlab.bench.Report`."""
     from . import bench
 
     cases = bench.QUICK_CASES if args.quick else bench.FULL_CASES
@@ -450,14 +451,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not cases:
         raise ValueError(f"no benchmark case matches {args.cases!r}; see `vitlab bench --help`")
     rounds = args.rounds or (3 if args.quick else 5)
-    report = bench.run(cases, rounds=rounds, target_s=0.3 if args.quick else 0.5, threads=args.threads,
-                       compile=not (args.quick or args.no_compile), memory=not (args.quick or args.no_memory),
-                       data=args.data, epoch_batches=args.epoch_batches, clock=args.clock,
-                       log=lambda msg: print(msg, file=sys.stderr))
-    print(report)
+    return bench.run(cases, rounds=rounds, target_s=0.3 if args.quick else 0.5, threads=args.threads,
+                     compile=not (args.quick or args.no_compile), memory=not (args.quick or args.no_memory),
+                     data=args.data, epoch_batches=args.epoch_batches, clock=args.clock, log=log)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time vitlab (and timm and transformers where installed), interleaved; print (and save) the markdown report."""
+    report = run_bench(args, log=lambda msg: print(msg, file=sys.stderr))
+    print(report.text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(report)
+            f.write(report.text)
     return 0
 
 
@@ -613,7 +618,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="with --prune: remove every cached file")
     p.set_defaults(func=cmd_hub)
 
-    p = sub.add_parser("bench", help="speed against timm and transformers (needs vitlab[bench])")
+    p = sub.add_parser("bench", help="speed of vitlab, and of timm and transformers where installed (vitlab[bench])")
     p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")
     p.add_argument("--cases", default="", help="only cases whose name contains one of these comma-separated parts, e.g. 'vit_s16,train'")
     p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
@@ -630,7 +635,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 # The optional extras of pyproject.toml and the modules each brings.
-EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "bench": ("timm", "transformers")}
+EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -44,7 +44,7 @@ RECIPES: dict[str, Recipe] = {
         "ViT-B/16 from scratch on ImageNet-1k as in the paper (strong regularisation)",
         "Dosovitskiy et al. 2020, Appendix B.1, Table 3 (ImageNet row)"),
     # A ViT from scratch on CIFAR-10 under a wall-clock budget on 2 CPU cores (issue 8). Set by
-    # arithmetic first, then checked on a held-out 10% of train (benchmarks/cifar10_notes.md):
+    # arithmetic first, then checked on a held-out 10% of train (benchmarks/cifar/notes.md):
     # - Compute: training costs ~3x the forward FLOPs per image. Measured: ~180 GFLOP/s in bf16
     #   at 32 px on the quiet machine (0.53 s per step of 128), 12-26 GFLOP/s in fp32 under the
     #   shared load. The DeiT-style ViT-Ti/4 (0.73 GFLOP forward) would see ~3 epochs in 30
@@ -95,7 +95,7 @@ RECIPES: dict[str, Recipe] = {
             min_image_size=16, resize_until=0.8, flip_tta=True),
         "ViT (width 192, depth 6, 4 x 4 patches cut by a 3-layer conv stem, GAP) from scratch on CIFAR-10 in a "
         "CPU time budget (default 30m): progressive resizing 16 -> 32 px, AdamW, cosine",
-        "this project (issue 8), benchmarks/cifar10_notes.md; GAP head: Beyer et al. 2022; "
+        "this project (issue 8), benchmarks/cifar/notes.md; GAP head: Beyer et al. 2022; "
         "patch 4 / lr: omihub777/ViT-CIFAR; progressive resizing: FFCV, fast.ai DAWNBench; conv stem: Xiao et al. 2021"),
     # The published kind of CIFAR ViT, for the side-by-side (issue 8): kentaroy47/
     # vision-transformers-cifar10's `train_cifar10.py` defaults as we read them: ViT patch 4,

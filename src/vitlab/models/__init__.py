@@ -103,7 +103,7 @@ for _size in ("Mu", "Ti", "S"):
         VisionTransformer,
         f"ViT-{_size}/4 for 32-px images",
     )
-# The `cifar10` recipe's model (issue 8; benchmarks/cifar10_notes.md), the architecture of the model
+# The `cifar10` recipe's model (issue 8; benchmarks/cifar/notes.md), the architecture of the model
 # shipped in the package (`vit_conv_32px.vitlab_cifar10`): a 3-conv stem cuts the 8 x 8 grid.
 register("vit_conv_32px", replace_checked(vit_config("Mu/4", image_size=32, num_classes=10), width=192, depth=6,
                                           mlp_dim=384, num_heads=3, pool="gap", class_token=False,

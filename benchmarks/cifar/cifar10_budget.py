@@ -5,18 +5,18 @@ data decoding, schedule sizing, training, the final evaluation and checkpoint). 
 split: the run trains on all 50,000 training images and evaluates its last weights once, at the
 end, on the official 10,000-image test set (`--eval-every 1000000` turns off mid-run
 evaluation; the loop always evaluates after its last step). The test set is never used to make
-a choice: the recipes were tuned on `--val-split 0.1` (benchmarks/cifar10_notes.md).
+a choice: the recipes were tuned on `--val-split 0.1` (benchmarks/cifar/notes.md).
 
-Results accumulate in benchmarks/cifar10_budget.json (keyed by recipe, its version, budget and seed), so
+Results accumulate in benchmarks/cifar/cifar10_budget.json (keyed by recipe, its version, budget and seed), so
 budgets can be run in separate sessions; each point records a hash of what its recipe sets, and
 the table and plot show the points of the recipes as they are now beside those of each recipe's
 last earlier version (older ones are listed); each run rewrites the `cifar10_budget` section of
-benchmarks/RESULTS.md (table of every stored point, mean and std over seeds) and
-benchmarks/cifar10_budget.png.
+benchmarks/cifar/README.md (table of every stored point, mean and std over seeds) and
+benchmarks/cifar/cifar10_budget.png.
 
-    python benchmarks/cifar10_budget.py                       # 10, 30, 60, 120 min, seed 0, + baseline at 30
-    python benchmarks/cifar10_budget.py --budgets 30 --seeds 0 1 2 --no-baseline
-    python benchmarks/cifar10_budget.py --budgets 10 --baseline-budgets 10
+    python benchmarks/cifar/cifar10_budget.py                       # 10, 30, 60, 120 min, seed 0, + baseline at 30
+    python benchmarks/cifar/cifar10_budget.py --budgets 30 --seeds 0 1 2 --no-baseline
+    python benchmarks/cifar/cifar10_budget.py --budgets 10 --baseline-budgets 10
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS, STORE, PNG = HERE / "RESULTS.md", HERE / "cifar10_budget.json", HERE / "cifar10_budget.png"
+RESULTS, STORE, PNG = HERE / "README.md", HERE / "cifar10_budget.json", HERE / "cifar10_budget.png"
 DATA_GUESSES = [base / "shared" / "data" / "cifar-10-batches-bin" for base in (ROOT.parent, ROOT.parent.parent)]
 START, END = "<!-- cifar10_budget:start -->", "<!-- cifar10_budget:end -->"
 
@@ -61,7 +61,7 @@ def recipe_version(name: str) -> str:
     sys.path.insert(0, str(ROOT / "src"))
     from vitlab.config import to_dict
     from vitlab.recipes import RECIPES
-    from vitlab.train import TrainConfig
+    from vitlab.trainconfig import TrainConfig
 
     def changes(cfg: dict, default: dict) -> dict:
         return {k: changes(v, default[k]) if isinstance(v, dict) and isinstance(default.get(k), dict) and v
@@ -183,10 +183,10 @@ def group(points: list[dict], recipe: str) -> dict[float, list[dict]]:
 
 
 def section(stored: list[dict]) -> str:
-    """The `cifar10_budget` section of RESULTS.md: the current recipes' points, then every command."""
+    """The `cifar10_budget` section of README.md: the current recipes' points, then every command."""
     points = current(stored)
     lines = [START, "## CIFAR-10 from scratch: test accuracy against wall time (issue 8)", "",
-             "Made by `python benchmarks/cifar10_budget.py` (raw points: `benchmarks/cifar10_budget.json`). "
+             "Made by `python benchmarks/cifar/cifar10_budget.py` (raw points: `benchmarks/cifar/cifar10_budget.json`). "
              "Wall time is one `vitlab train` process end to end; the test top-1 is of the last weights. "
              "The load average during each run is shown: 2.0 is this 2-core machine fully busy with the run "
              "alone; more means other jobs shared the cores and the budget bought fewer steps.", "",
@@ -208,10 +208,10 @@ def section(stored: list[dict]) -> str:
     todo = missing(points)
     if todo:
         lines += ["Not measured yet (issue 8's protocol); on a quiet machine, run:", ""]
-        lines += [f"    python benchmarks/cifar10_budget.py {args}" for args in todo] + [""]
+        lines += [f"    python benchmarks/cifar/cifar10_budget.py {args}" for args in todo] + [""]
     lines += ["Commands, machines and versions (points marked *earlier recipe* ran an older version of the "
               "recipe; the table and plot (dashed) show the last earlier version beside the current one; "
-              "`benchmarks/cifar10_notes.md` says what changed):", ""]
+              "`benchmarks/cifar/notes.md` says what changed):", ""]
     for p in stored:
         old = "" if p in points else "*earlier recipe* "
         lines.append(f"- {old}{p['date']}, {p['cpu']} ({p['cores']} cores), torch {p['torch']}, python {p['python']}, "
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a CIFAR-10 folder (default: ../shared/data/cifar-10-batches-bin from the checkout or "
                         "its parent; else cifar10, which downloads)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10_budget")
-    p.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the PNG from the stored points")
+    p.add_argument("--report-only", action="store_true", help="rewrite README.md and the PNG from the stored points")
     p.add_argument("extra", nargs="*", help="after --: more `vitlab train` options for every run")
     args = p.parse_args(argv)
     points = load_store()

@@ -1,6 +1,6 @@
 """Performance versus pre-training compute (the paper's Fig. 5) at CPU scale: ViT and BiT on CIFAR-10.
 
-    nice -n 10 python benchmarks/compare.py            # the default study, ~15 min on 2 CPU cores
+    nice -n 10 python benchmarks/compute/compare.py            # the default study, ~15 min on 2 CPU cores
 
 Every (model, budget) pair trains from scratch through ``vitlab.train.train`` (the loop behind
 ``vitlab train``) on the same subset of CIFAR-10 with the same recipe, and is evaluated on the
@@ -10,7 +10,7 @@ same test images. A budget is a number of training images seen (steps x batch si
 
 (the backward pass counted as twice the forward, the usual convention; matmuls and convolutions
 only, as ``torch.utils.flop_counter``). Writes the runs and ``results.json`` under ``--out``,
-a PNG (``--plot``) and the "Performance versus compute" section of ``--results`` (RESULTS.md);
+a PNG (``--plot``) and the "Performance versus compute" section of ``--results`` (its folder's README.md);
 both are rewritten after every run, so a stopped study keeps what it finished.
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ from vitlab.data.cifar import RECORD_PIXELS  # noqa: E402
 from vitlab.models import ResNetV2, build_model, get_spec  # noqa: E402
 from vitlab.models.hybrid import HybridViT  # noqa: E402
 from vitlab.optim import OptimConfig  # noqa: E402
-from vitlab.train import TrainConfig, train  # noqa: E402
+from vitlab.train import train  # noqa: E402
+from vitlab.trainconfig import TrainConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CIFAR = Path("/work/shared/data/cifar-10-batches-bin")
@@ -132,7 +133,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 def section(rows: list[dict], info: dict, planned: int, png: Path, results: Path) -> str:
     """The markdown section (between the compare markers) for ``rows``."""
-    lines = [START, "## Performance versus compute (`benchmarks/compare.py`)", "",
+    lines = [START, "## Performance versus compute (`benchmarks/compute/compare.py`)", "",
              "The paper's Fig. 5 at CPU scale: ViT and BiT ResNet-v2 trained from scratch on the same CIFAR-10 "
              "subset with one recipe (AdamW lr 1e-3, weight decay 0.05, 10% warm-up, cosine decay, clipping at 1, "
              f"pad-crop + flip, fp32, batch {info['batch_size']}, seed 0), each for a few budgets of training "
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="runs, data subset and results.json")
     p.add_argument("--plot", type=Path, default=HERE / "compare.png")
-    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--results", type=Path, default=HERE / "README.md")
     args = p.parse_args(argv)
 
     for name in args.models:
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"compare: every budget must be at least one batch ({args.batch_size} images)")
     start = time.perf_counter()
     niceness = f"nice -n {os.nice(0)} " if os.nice(0) else ""
-    info = {"command": niceness + " ".join(["python benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]),
+    info = {"command": niceness + " ".join(["python benchmarks/compute/compare.py", *(argv if argv is not None else sys.argv[1:])]),
             "machine": machine(), "uptime_before": uptime(), "python": platform.python_version(),
             "torch": torch.__version__, "vitlab": vitlab_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

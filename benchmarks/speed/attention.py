@@ -1,6 +1,6 @@
 """The evidence for ``sdpa_is_faster``: SDPA against ``matmul_attention``, forward and forward+backward.
 
-    python benchmarks/attention.py [--threads 2] [--rounds 5]
+    python benchmarks/speed/attention.py [--threads 2] [--rounds 5]
 
 Shapes are the benchmark's: CIFAR Ti/4 at batch 128, S/16 and B/16 at batch 32 and 1. Timed
 round-robin in one process; the median over rounds, in ms per call.
@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vitlab.models.vit import matmul_attention
+from vitlab.accel import matmul_attention
 
 SHAPES = {"Ti/4 32px b128": (128, 3, 65), "S/16 b32": (32, 6, 197), "S/16 b1": (1, 6, 197),
           "B/16 b32": (32, 12, 197), "B/16 b1": (1, 12, 197)}

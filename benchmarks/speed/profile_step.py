@@ -1,7 +1,7 @@
 """Where a step's time goes (torch.profiler), by kind of op, for any case and variant of the benchmark.
 
-    python benchmarks/profile_step.py vit_s16 32 bf16                 # vitlab inference
-    python benchmarks/profile_step.py vit_ti4_32px 128 bf16 --train --variant "timm"
+    python benchmarks/speed/profile_step.py vit_s16 32 bf16                 # vitlab inference
+    python benchmarks/speed/profile_step.py vit_ti4_32px 128 bf16 --train --variant "timm"
 """
 import argparse
 from collections import defaultdict

@@ -1,6 +1,6 @@
 """Does pre-training transfer? The paper's claim at CPU scale, in one command.
 
-    PYTHONPATH=src nice -n 10 python benchmarks/transfer.py --cifar ../shared/data/cifar-10-batches-bin
+    PYTHONPATH=src nice -n 10 python benchmarks/transfer/transfer.py --cifar ../shared/data/cifar-10-batches-bin
 
 Pre-trains a small ViT (ViT-Mu/8 at 32 px) on five CIFAR-10 classes (airplane, automobile, bird,
 cat, deer), then transfers it to the other five (dog, frog, horse, ship, truck) using only a few
@@ -32,7 +32,9 @@ from vitlab.data import DataConfig
 from vitlab.data.cifar import read_cifar
 from vitlab.fewshot import fewshot_checkpoint
 from vitlab.optim import OptimConfig
-from vitlab.train import LAST_FILE, TrainConfig, train
+from vitlab.run import LAST_FILE
+from vitlab.train import train
+from vitlab.trainconfig import TrainConfig
 from vitlab.transfer import finetune, finetune_config
 
 PRETRAIN_CLASSES, TRANSFER_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)

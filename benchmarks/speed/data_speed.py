@@ -1,6 +1,6 @@
 """Images/s of the CIFAR training loader with augmentation on, against a model step alone.
 
-    PYTHONPATH=src python benchmarks/data_speed.py [--data ../shared/data/cifar-10-batches-bin]
+    PYTHONPATH=src python benchmarks/speed/data_speed.py [--data ../shared/data/cifar-10-batches-bin]
 
 Prints the loader's throughput for a few augmentation settings, then the training step of a
 small ViT (forward + backward + AdamW) on fixed batches, so the two can be compared: the input

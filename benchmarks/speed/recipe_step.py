@@ -1,11 +1,11 @@
 """A recipe's own training step (its model, optimizer, precision, batch) at each image size of
 its resizing schedule: seconds per step, A/B of memory formats interleaved, and where the time goes.
 
-    python benchmarks/recipe_step.py                       # cifar10, sizes 16 24 32, 2 threads
-    python benchmarks/recipe_step.py --profile --sizes 16  # plus the op kinds (torch.profiler)
+    python benchmarks/speed/recipe_step.py                       # cifar10, sizes 16 24 32, 2 threads
+    python benchmarks/speed/recipe_step.py --profile --sizes 16  # plus the op kinds (torch.profiler)
 
 Variants: the conv stem on "NCHW" images (as the loader gives them) and on "channels-last" (NHWC,
-oneDNN's native layout for convolutions; `vitlab.models.vit.STEM_CHANNELS_LAST`). Synthetic
+oneDNN's native layout for convolutions; `vitlab.accel.STEM_CHANNELS_LAST`). Synthetic
 images; the loader is not timed.
 """
 import argparse
@@ -14,7 +14,8 @@ import itertools
 import torch
 
 from vitlab.bench import Step, load_average, machine, time_interleaved
-from vitlab.models import build_model, vit
+from vitlab import accel
+from vitlab.models import build_model
 from vitlab.optim import build_optimizer
 from vitlab.recipes import recipe
 from vitlab.train import forward_backward
@@ -26,12 +27,12 @@ def make_step(name: str, size: int, variant: str) -> Step:
     """One optimizer step of ``vitlab.train``'s own forward/backward on a fixed synthetic batch."""
     cfg = recipe(name)
     torch.manual_seed(0)
-    model = build_model(cfg.model_config(num_classes=10)).train()
+    model = accel.accelerate(build_model(cfg.model_config(num_classes=10))).train()
     opt = build_optimizer(model, cfg.optim)
     batches = itertools.repeat((torch.randn(cfg.batch_size, 3, size, size), torch.randint(0, 10, (cfg.batch_size,))))
 
     def step():
-        vit.STEM_CHANNELS_LAST = variant == "channels-last"
+        accel.STEM_CHANNELS_LAST = variant == "channels-last"
         opt.zero_grad(set_to_none=True)
         forward_backward(model, batches, cfg, torch.device("cpu"))
         opt.step()

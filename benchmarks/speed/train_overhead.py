@@ -7,7 +7,7 @@ bare step is the same model's forward + backward + optimiser step on random tens
 run on one thread and are timed in process CPU time, so other work on a shared machine does
 not move the ratio.
 
-    python benchmarks/train_overhead.py --data ../shared/data/cifar-10-batches-bin
+    python benchmarks/speed/train_overhead.py --data ../shared/data/cifar-10-batches-bin
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 
 from vitlab.bench import Case, _build, make_inputs, machine
 from vitlab.recipes import recipe
-from vitlab.train import override, train
+from vitlab.train import train
+from vitlab.trainconfig import override
 
 
 def loop_cpu_seconds(data: str, steps: int, base: str, batch: int) -> float:

@@ -1,9 +1,9 @@
-"""A/B: bf16 inference with and without `vitlab.models.vit.fused_linear`, interleaved, 2 threads.
+"""A/B: bf16 inference with and without `vitlab.accel.fused_linear`, interleaved, 2 threads.
 
-    python benchmarks/fused_inference.py            # eager vs fused: median time per path and case, speed-up
-    python benchmarks/fused_inference.py --qkv      # fused, with qkv through F.linear (addmm) vs fused
-    python benchmarks/fused_inference.py --prepack  # fused vs fused on prepacked (oneDNN-blocked) weights
-    python benchmarks/fused_inference.py --memory   # peak RSS of ViT-S/16 batch 32, 4 processes per path
+    python benchmarks/speed/fused_inference.py            # eager vs fused: median time per path and case, speed-up
+    python benchmarks/speed/fused_inference.py --qkv      # fused, with qkv through F.linear (addmm) vs fused
+    python benchmarks/speed/fused_inference.py --prepack  # fused vs fused on prepacked (oneDNN-blocked) weights
+    python benchmarks/speed/fused_inference.py --memory   # peak RSS of ViT-S/16 batch 32, 4 processes per path
 
 The eager path is the same model with `fusable` switched off; "qkv eager" sends the qkv projection
 (the one fused call without GELU or residual) through `nn.Linear`; "prepacked" replaces the Linear
@@ -19,15 +19,15 @@ import torch
 
 import vitlab
 from vitlab.bench import steady_peak_rss
-from vitlab.models import vit
+from vitlab import accel
 
 torch.set_num_threads(2)
-FUSABLE, FUSED_LINEAR = vit.fusable, vit.fused_linear
+FUSABLE, FUSED_LINEAR = accel.fusable, accel.fused_linear
 
 
 def use(mode: str) -> None:
-    vit.fusable = (lambda *a: False) if mode == "eager" else FUSABLE
-    vit.fused_linear = (lambda x, layer, **k: FUSED_LINEAR(x, layer, **k) if k else layer(x)) \
+    accel.fusable = (lambda *a: False) if mode == "eager" else FUSABLE
+    accel.fused_linear = (lambda x, layer, **k: FUSED_LINEAR(x, layer, **k) if k else layer(x)) \
         if mode == "qkv eager" else FUSED_LINEAR
 
 
