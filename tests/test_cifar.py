@@ -12,7 +12,7 @@ from vitlab.config import ViTConfig
 from vitlab.data import DataConfig
 from vitlab.interop import export_model, export_onnx
 from vitlab.models.vit import VisionTransformer
-from vitlab.models.vit import drop_patches as vitlab_drop
+from vitlab.models.layers import drop_patches as vitlab_drop
 from vitlab.recipes import RECIPES
 from vitlab.budget import image_size_at, size_fractions
 from vitlab.run import read_metrics

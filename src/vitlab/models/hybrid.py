@@ -14,7 +14,8 @@ from torch import nn
 
 from ..config import HybridConfig, replace_checked
 from .resnet import StdConv2d, make_stages, pad_same
-from .vit import VARIANTS, VisionTransformer, check_images
+from .layers import check_images
+from .vit import VARIANTS, VisionTransformer
 
 
 def hybrid_config(variant: str, resnet_layers: tuple[int, ...], **overrides) -> HybridConfig:

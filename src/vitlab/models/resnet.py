@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BiTConfig, HybridConfig, replace_checked
-from .vit import check_images, zero_head
+from .layers import check_images, zero_head
 
 # BiT presets: units per stage of R50, R101 and R152 (and R26, for small images).
 DEPTHS: dict[int, tuple[int, ...]] = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
