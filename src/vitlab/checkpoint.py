@@ -69,6 +69,11 @@ class LoadedModel:
         return self.model.cfg
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go (an exported model runs on the CPU)."""
+        return next(self.model.parameters(), torch.empty(0)).device
+
+    @property
     def preprocess(self) -> Callable[[Any], torch.Tensor]:
         """The model's eval transform: PIL image -> resized, centre-cropped, normalised (3, S, S).
 
@@ -86,6 +91,36 @@ class LoadedModel:
         return Preprocess(image_size=h, mean=tuple(self.config.mean), std=tuple(self.config.std))
 
 
+def model_metadata(cfg: Any, class_names: list[str] | None = None, meta: dict[str, Any] | None = None
+                   ) -> dict[str, str]:
+    """What a model file carries besides its weights (string values): the config, class names, metadata.
+    Exported files (ONNX, OpenVINO) carry the same dictionary."""
+    return {"format": "vitlab", "config_type": type(cfg).__name__, "config": json.dumps(to_dict(cfg)),
+            "class_names": json.dumps(class_names), "meta": json.dumps(meta or {})}
+
+
+def parse_metadata(file: str | os.PathLike, metadata: dict[str, str]) -> tuple[Any, list[str] | None, dict[str, Any]]:
+    """``model_metadata`` read back and checked: (config, class names, metadata); errors name ``file``."""
+    if metadata.get("format") != "vitlab":
+        raise ValueError(f"{file} is not a vitlab model file (no vitlab metadata); convert it with `vitlab convert`")
+    if "config_type" not in metadata:
+        raise ValueError(f"{file} has no 'config_type' in its metadata; it is damaged: convert or save it again")
+    fields = _metadata_json(file, metadata, "config")
+    try:
+        cfg = from_dict(config_type(metadata["config_type"]), fields)
+        with torch.device("meta"):
+            build_model(cfg)  # the config describes a model (shapes only, nothing allocated)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{file}: metadata field 'config' does not describe a model ({type(err).__name__}: "
+                         f"{err})") from None
+    class_names = _metadata_json(file, metadata, "class_names", "null")
+    if class_names is not None and (not isinstance(class_names, list) or len(class_names) != cfg.num_classes
+                                    or not all(isinstance(c, str) for c in class_names)):
+        raise ValueError(f"{file}: metadata field 'class_names' must list {cfg.num_classes} names for the model's "
+                         f"{cfg.num_classes}-way head")
+    return cfg, class_names, _metadata_json(file, metadata, "meta", "{}")
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, *, class_names: list[str] | None = None,
                meta: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomically write ``model`` (weights + config + class names) to one safetensors file.
@@ -94,13 +129,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, class_names: list[s
     """
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    metadata = {
-        "format": "vitlab",
-        "config_type": type(model.cfg).__name__,
-        "config": json.dumps(to_dict(model.cfg)),
-        "class_names": json.dumps(class_names),
-        "meta": json.dumps(meta or {}),
-    }
+    metadata = model_metadata(model.cfg, class_names, meta)
     def write(tmp: str) -> None:
         try:
             save_file(tensors, tmp, metadata=metadata)
@@ -176,28 +205,13 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     """
     file = resolve_model_file(path)
     state, metadata = read_safetensors(file)
-    if metadata.get("format") != "vitlab":
-        raise ValueError(f"{file} is not a vitlab model file (no vitlab metadata); convert it with `vitlab convert`")
-    if "config_type" not in metadata:
-        raise ValueError(f"{file} has no 'config_type' in its metadata; it is damaged: convert or save it again")
-    fields = _metadata_json(file, metadata, "config")
-    try:
-        cfg = from_dict(config_type(metadata["config_type"]), fields)
-        with torch.device("meta"):
-            skeleton = build_model(cfg)
-    except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise ValueError(f"{file}: metadata field 'config' does not describe a model ({type(err).__name__}: "
-                         f"{err})") from None
-    check_fits(skeleton, state, source=str(file))  # shapes only: nothing allocated yet
-    class_names = _metadata_json(file, metadata, "class_names", "null")
-    if class_names is not None and (not isinstance(class_names, list) or len(class_names) != cfg.num_classes
-                                    or not all(isinstance(c, str) for c in class_names)):
-        raise ValueError(f"{file}: metadata field 'class_names' must list {cfg.num_classes} names for the model's "
-                         f"{cfg.num_classes}-way head")
+    cfg, class_names, meta = parse_metadata(file, metadata)
+    with torch.device("meta"):
+        check_fits(build_model(cfg), state, source=str(file))  # shapes only: nothing allocated yet
     model = accelerate(build_model(cfg))
     load_state_dict_checked(model, state, source=str(file))
     model.to(map_location).eval()
-    return LoadedModel(model, class_names, _metadata_json(file, metadata, "meta", "{}"))
+    return LoadedModel(model, class_names, meta)
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:

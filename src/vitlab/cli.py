@@ -77,9 +77,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a vitlab model file to timm (.safetensors/.pth), Hugging Face (folder), .npz or ONNX."""
+    """Export a vitlab model to timm, Hugging Face, official .npz, ONNX or OpenVINO (fp32 or INT8)."""
     from .hub import load_model
-    from .interop import export_model, export_onnx
+    from .interop import export_model
 
     if args.model:
         if len(args.paths) != 1:
@@ -89,15 +89,48 @@ def cmd_export(args: argparse.Namespace) -> int:
         ref, dst = args.paths
     else:
         raise ValueError("give the model file (or --model NAME) and the destination: vitlab export MODEL DST")
-    args.dst = dst
     loaded = load_model(ref)
-    if Path(args.dst).suffix == ".onnx":
-        diff = export_onnx(loaded.model, args.dst, dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size,
-                           check=not args.no_check)
-        print(f"wrote {args.dst}" + ("" if args.no_check else f" (onnxruntime vs PyTorch: max abs diff {diff:.2e})"))
-        return 0
-    path = export_model(loaded.model, args.dst, args.to, class_names=loaded.class_names)
+    suffix = Path(dst).suffix.lower()
+    runtime = {"openvino": "openvino", "onnx": "onnxruntime"}.get(args.to) or {".xml": "openvino",
+                                                                              ".onnx": "onnxruntime"}.get(suffix)
+    if runtime:
+        return export_for_runtime(loaded, dst, runtime, args)
+    if args.int8 or args.data:
+        raise ValueError(f"--int8 and --data are for ONNX (.onnx) and OpenVINO (.xml) exports, not {dst}")
+    path = export_model(loaded.model, dst, args.to, class_names=loaded.class_names)
     print(f"wrote {path}")
+    return 0
+
+
+def export_for_runtime(loaded, dst: str, runtime: str, args: argparse.Namespace) -> int:
+    """ONNX or OpenVINO, INT8 if asked (calibrated on --data's train images), then what it cost."""
+    import torch
+
+    from . import deploy
+    from .evaluate import split_loader
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    calibration = None
+    if args.int8 and runtime == "openvino":
+        if not args.data:
+            raise ValueError("OpenVINO INT8 calibrates on images: pass --data PATH (its train split; "
+                             f"--calibration-images {deploy.CALIBRATION_IMAGES} by default)")
+        loader, _, _ = split_loader(loaded, args.data, "train", batch_size=64, log=log)
+        n = args.calibration_images or deploy.CALIBRATION_IMAGES
+        calibration = torch.cat([x for x, _ in deploy.take(loader.epoch(0), n)])
+    path = deploy.export(loaded, dst, to=runtime, int8=args.int8, calibration=calibration,
+                         dynamic_size=args.dynamic_size, check=not args.no_check)
+    what = f"{runtime}{', INT8' if args.int8 else ''}"
+    if args.no_check:
+        print(f"wrote {path} ({what})")
+        return 0
+    if args.data:  # held-out images: test, else val
+        loader, split, _ = split_loader(loaded, args.data, None, batch_size=64, log=log)
+        batches, where = deploy.take(loader.epoch(0), args.check_images), f" ({split} split of {args.data})"
+    else:
+        batches, where = None, " (random; pass --data for accuracy)"
+    exported = deploy.load_exported(path, runtime=runtime)
+    print(f"wrote {path} ({what}); {deploy.check_export(loaded.model, exported.model, batches).line()}{where}")
     return 0
 
 
@@ -310,7 +343,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ref = _model_ref(args)
     result, split = evaluate_checkpoint(ref, data=args.data, split=args.split,
                                         batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                        progress=not args.json, flip_tta=args.flip_tta, log=log)
+                                        progress=not args.json, flip_tta=args.flip_tta, runtime=args.runtime,
+                                        log=log)
     target = Path(ref)
     folder = target if target.is_dir() else target.parent if target.exists() else Path(".")
     try:
@@ -335,14 +369,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k labels with probabilities per image; a directory writes every image's row to CSV."""
+    import torch
+
+    from .accel import optimize
+    from .deploy import runtime_for
+    from .distributed import resolve_device
     from .hub import load_model
     from .predict import image_files, predict, write_csv
-    from .distributed import resolve_device
 
     ref, images = (args.model, args.paths) if args.model else (args.paths[0], args.paths[1:])
     if not images:
         raise ValueError("no images given: vitlab predict MODEL IMAGE... (or --model NAME IMAGE...)")
-    loaded = load_model(ref, map_location=resolve_device(args.device))
+    loaded = load_model(ref, map_location=resolve_device(args.device), runtime=args.runtime, precision=args.precision)
+    if args.precision == "bf16" and not runtime_for(ref, args.runtime):
+        optimize(loaded.model, torch.bfloat16)  # the bf16 fast path
     files, any_dir = image_files(images)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     predictions = predict(loaded, files, top_k=args.top_k, batch_size=args.batch_size, skip_unreadable=any_dir,
@@ -466,6 +506,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """A web page and a JSON API for one model, until Ctrl-C (vitlab[serve])."""
+    from .distributed import resolve_device
+    from .hub import load_model
+    from .serve.app import run_server
+    from .serve.config import ServeConfig
+
+    cfg = ServeConfig(**{k: getattr(args, k) for k in getattr(args, "config_options", []) if hasattr(args, k)})
+    loaded = load_model(args.model, map_location=resolve_device(args.device))
+    run_server(loaded, cfg, name=str(args.model), log=lambda msg: print(msg, flush=True))
+    return 0
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every verb; with ``command``, only that verb gets the options that need torch
     to build (those derived from the configs), so the others' help starts fast."""
@@ -508,15 +563,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--std", type=float, nargs=3, help="input normalisation std (R G B)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, official .npz or ONNX")
+    p = sub.add_parser("export", help="export a vitlab model to timm, Hugging Face, .npz, ONNX or OpenVINO (INT8 too)")
     p.add_argument("paths", nargs="+", metavar="[MODEL] DST",
                    help="a vitlab model file or run directory (or --model NAME), then the destination: "
-                        ".safetensors/.pth (timm), a folder (Hugging Face), .npz (official; BiT's for a BiT model) or .onnx")
+                        ".safetensors/.pth (timm), a folder (Hugging Face), .npz (official; BiT's for a BiT model), "
+                        ".onnx (ONNX Runtime) or .xml (OpenVINO IR, with its .bin)")
     p.add_argument("--model", help="a released model by name (`vitlab hub list`), e.g. vit_b16.augreg_in21k_ft_in1k")
-    p.add_argument("--to", choices=["official", "big_vision", "bit", "timm", "hf"], help="force the format")
-    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
+    p.add_argument("--to", choices=["official", "big_vision", "bit", "timm", "hf", "onnx", "openvino"],
+                   help="force the format")
+    p.add_argument("--int8", action="store_true",
+                   help="ONNX: dynamic INT8 quantisation (ONNX Runtime); OpenVINO: post-training INT8 (NNCF), "
+                        "calibrated on --data")
+    p.add_argument("--data", help="ONNX/OpenVINO: labelled data; calibration from its train split, and the "
+                                  "export's top-1 and agreement with PyTorch measured on its test (or val) split")
+    p.add_argument("--calibration-images", type=int, help="OpenVINO INT8: train images to calibrate on (default 300)")
+    p.add_argument("--check-images", type=int, default=1000,
+                   help="with --data: held-out images the export is checked on (0: all)")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (always on now; kept for scripts)")
     p.add_argument("--dynamic-size", action="store_true", help="ONNX: any image size (a multiple of the patch)")
-    p.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
+    p.add_argument("--no-check", action="store_true", help="ONNX/OpenVINO: skip the comparison with PyTorch")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("train", help="train a model from scratch (or --resume a run)", allow_abbrev=False,
                        description="Train from scratch. Every config field is an option; a recipe sets the "
@@ -535,7 +600,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val", "train"], help="default: test if the data has one, else val")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast (PyTorch) or OpenVINO's bf16 inference")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
+                   help="what runs the model: auto = by file (.onnx: ONNX Runtime, .xml: OpenVINO, else PyTorch)")
     p.add_argument("--flip-tta", action="store_true",
                    help="average the logits of each image and its mirror image (test-time augmentation)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -549,6 +617,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="CSV", help="write CSV here (a directory argument prints CSV by default)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: vitlab's bf16 fast path (PyTorch) or OpenVINO's bf16 inference")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
+                   help="what runs the model: auto = by file (.onnx: ONNX Runtime, .xml: OpenVINO, else PyTorch)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("fewshot", help="few-shot linear evaluation of frozen features (the paper's ridge)",
@@ -631,11 +703,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--epoch-batches", type=int, default=0, help="stop the epoch after this many batches (0: all)")
     p.add_argument("--out", help="also write the markdown report to this file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="a web page and an HTTP API for a model: predictions, attention (vitlab[serve])",
+                       allow_abbrev=False)
+    p.add_argument("--model", required=True, help="a released model's name, a run directory or a model file")
+    p.add_argument("--device", default="auto")
+    if wanted("serve"):
+        from .options import add_options
+        from .serve.config import ServeConfig
+        p.set_defaults(config_options=add_options(p.add_argument_group("server (ServeConfig)"), ServeConfig))
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 # The optional extras of pyproject.toml and the modules each brings.
-EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
+EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "deploy": ("openvino", "nncf"),
+          "serve": ("fastapi", "uvicorn", "multipart")}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

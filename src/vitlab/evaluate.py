@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .checkpoint import LoadedModel
 from .config import as_pair
 from .data import DataConfig, Loader, build_data
 from .distributed import DistEnv, autocast, even_batches, resolve_device, sum_across_ranks
@@ -93,13 +94,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = None, split: str | None = None,
                         batch_size: int = 256, device: str = "auto", precision: str = "fp32",
-                        progress: bool = False, flip_tta: bool = False,
+                        progress: bool = False, flip_tta: bool = False, runtime: str | None = None,
                         log: Callable[[str], None] = print) -> tuple[EvalResult, str]:
     """Evaluate a model file or run directory on a split of ``data``; returns (result, split used).
 
     For a run directory, ``data`` defaults to the run's data and the run's ``val_split`` and
     seed are reused, so ``val`` is the same held-out set as in training. ``split``: ``test``
-    (the default when there is one), ``val`` or ``train``.
+    (the default when there is one), ``val`` or ``train``. An exported model (``.onnx``, ``.xml``)
+    runs on its runtime (``runtime`` forces one; see ``vitlab.deploy``).
     """
     named = isinstance(checkpoint, str) and not Path(checkpoint).exists() and is_pretrained_name(checkpoint)
     if not named and not Path(checkpoint).exists():
@@ -109,10 +111,22 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
         what = "a released model" if named else "a model file, not a run directory"
         raise ValueError(f"{checkpoint} is {what}; pass --data PATH")
     dev = resolve_device(device)
-    loaded = load_model(checkpoint, map_location=dev)
+    loaded = load_model(checkpoint, map_location=dev, runtime=runtime, precision=precision)
+    loader, split, class_names = split_loader(loaded, data, split, base=run_cfg.data_config() if run_cfg else None,
+                                              batch_size=batch_size, log=log)
+    result = evaluate(loaded.model, loader, class_names=class_names, device=dev, precision=precision,
+                      progress=progress, flip_tta=flip_tta)
+    return result, split
+
+
+def split_loader(loaded: LoadedModel, data: str | None, split: str | None = None, *, base: DataConfig | None = None,
+                 batch_size: int = 256, log: Callable[[str], None] = print) -> tuple[Loader, str, list[str]]:
+    """An evaluation loader over ``split`` of ``data`` (default: test, else val) preprocessed for
+    ``loaded`` (its size, mean and std; ``base``: a run's data settings); returns it, the split and
+    the data's class names, checked against the model's."""
     mcfg = loaded.config
     size = as_pair(mcfg.image_size)
-    base = run_cfg.data_config() if run_cfg is not None else DataConfig()
+    base = base or DataConfig()
     data_cfg = dataclasses.replace(base, path=data or base.path, image_size=size[0],
                                    mean=tuple(mcfg.mean), std=tuple(mcfg.std))
     splits = build_data(data_cfg, log=log)
@@ -132,6 +146,4 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
         raise ValueError(f"{data_cfg.path} has no {split!r} split; available: {', '.join(available)}")
     loader = Loader(available[split], data_cfg, batch_size=batch_size, train=False,
                     num_classes=splits.num_classes, log=log)
-    result = evaluate(loaded.model, loader, class_names=splits.class_names, device=dev, precision=precision,
-                      progress=progress, flip_tta=flip_tta)
-    return result, split
+    return loader, split, splits.class_names

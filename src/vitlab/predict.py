@@ -35,7 +35,7 @@ def predict(loaded: LoadedModel, files: list[Path], *, top_k: int = 5, batch_siz
             skip_unreadable: bool = False, log: Callable[[str], None] = print) -> list[Prediction]:
     """Top-``top_k`` predictions for each file; an unreadable file is an error, or skipped and logged."""
     model = loaded.model.eval()
-    device = next(model.parameters()).device
+    device = loaded.device
     names = loaded.class_names or [str(i) for i in range(model.cfg.num_classes)]
     k = min(top_k, len(names))
     preprocess = loaded.preprocess

@@ -15,6 +15,7 @@ from ..checkpoint import LoadedModel, load_state_dict_checked, resolve_model_fil
 from ..checkpoint import load_model as load_model_file
 from ..config import replace_checked
 from ..data.images import Preprocess
+from ..deploy import load_exported, runtime_for
 from ..interop import import_model
 from ..models import build_model
 from ..models import create_model as create_fresh
@@ -128,8 +129,15 @@ def _square(size: int | tuple[int, int]) -> int:
     return size if isinstance(size, int) else size[0]
 
 
-def load_model(ref: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """A run directory, a vitlab model file, or a released model's name -> LoadedModel."""
+def load_model(ref: str | os.PathLike, *, map_location: str | torch.device = "cpu", runtime: str | None = None,
+               precision: str = "fp32") -> LoadedModel:
+    """A run directory, a vitlab model file, or a released model's name -> LoadedModel.
+
+    An exported model (``.onnx``, OpenVINO ``.xml``) runs on its runtime, at ``precision`` where the
+    runtime has a choice (``vitlab.deploy.load_exported``); ``runtime`` forces one.
+    """
+    if runtime_for(ref, runtime):
+        return load_exported(ref, runtime=runtime, precision=precision)
     if isinstance(ref, str) and not Path(ref).exists() and is_pretrained_name(ref):
         return load_pretrained(ref, map_location=map_location)
     if isinstance(ref, str) and not Path(ref).exists() and (near := suggest(ref)):
