@@ -117,7 +117,7 @@ function showCard(info) {
     ? `${info.labels.slice(0, 12).join(", ")}, ... (${info.labels.length} in all)` : info.labels.join(", ");
   const rows = [["name", info.name], ["parameters", info.parameters.toLocaleString("en")],
     ["resolution", info.resolution.join(" x ")], ["labels", labels], ["recorded accuracy", accuracy],
-    ...Object.entries(info.card).filter(([k]) => !["model", "parameters", "resolution", "class names", "checkpoint"]
+    ...Object.entries(info.card).filter(([k]) => !["model", "parameters", "resolution", "class names", "checkpoint", "file"]
       .includes(k))];
   $("card-table").replaceChildren(...rows.map(([k, v]) => {
     const tr = document.createElement("tr"), th = document.createElement("th"), td = document.createElement("td");
