@@ -189,6 +189,20 @@ def test_bench_times_vitlab_alone_without_the_peers(monkeypatch):
     assert load_benchmark("speed/speed").format_targets(report.results).count("\n") == 1  # the header only
 
 
+def test_bench_times_the_runtimes_and_int8_paths():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    cases = (bench.Case(model="vit_mu4_32px", batch=2, dtype="fp32"), bench.Case(model="vit_mu4_32px", batch=2, dtype="bf16"))
+    report = bench.run(cases, rounds=2, target_s=0.0, threads=1, compile=False, memory=False, runtimes=True,
+                       log=lambda m: None)
+    fp32, bf16 = ([r.variant for r in res.rows] for res in report.results)
+    assert {"vitlab", "ORT", "OpenVINO"} <= set(fp32) and "ORT int8" not in fp32
+    assert {"vitlab", "OpenVINO", "vitlab int8", "ORT int8", "OpenVINO int8"} <= set(bf16)
+    assert "onnxruntime 1." in report.text and "ms / iter (p50) | p90 |" in report.text
+    with pytest.raises(ValueError, match="cannot time ONNX Runtime"):
+        bench.run(cases, rounds=1, target_s=0.0, threads=1, runtimes=True, clock="cpu", log=lambda m: None)
+
+
 def test_bench_memory_probe_measures_rss():
     case = bench.Case(model="vit_mu4_32px", batch=2, dtype="bf16")
     rss = bench.measure_memory(case, "vitlab", threads=1, repeats=2)

@@ -10,6 +10,7 @@ images; the loader is not timed.
 """
 import argparse
 import itertools
+import statistics
 
 import torch
 
@@ -53,7 +54,7 @@ def main() -> None:
           f"load average {load_average()}")
     for size in args.sizes:
         steps = {v: make_step(args.recipe, size, v) for v in VARIANTS}
-        t = time_interleaved(steps, rounds=args.rounds, target_s=1.0)
+        t = {v: statistics.median(calls) for v, calls in time_interleaved(steps, rounds=args.rounds, target_s=1.0).items()}
         base = t[VARIANTS[0]]
         print(f"{size} px: " + ", ".join(f"{v} {t[v] * 1e3:.0f} ms ({base / t[v]:.2f}x)" for v in VARIANTS), flush=True)
         if args.profile:

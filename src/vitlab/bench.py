@@ -78,11 +78,29 @@ QUICK_CASES = (
 
 # --- the three libraries, built on the same shape --------------------------------------
 
-PEERS = {"timm": "timm", "HF": "transformers"}  # variant prefix -> the package it needs
+# variant prefix -> the packages it needs
+PEERS = {"timm": ("timm",), "HF": ("transformers",), "ORT": ("onnx", "onnxruntime", "onnxscript"),
+         "OpenVINO": ("openvino", "nncf")}
 
 
 def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
+
+
+def _exported_step(case: Case, inputs: Inputs, runtime: str, int8: bool) -> Step:
+    """The case's model exported for ``runtime`` (INT8 if asked; OpenVINO calibrated on 16 of the
+    random inputs: enough for timing, not for accuracy) and run there; the files are removed."""
+    from .checkpoint import LoadedModel
+    from .deploy import export, load_exported
+
+    model = VisionTransformer(case.config).eval()
+    calibration = make_inputs(dataclasses.replace(case, batch=16)).images if int8 else None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(LoadedModel(model), f"{tmp}/m{'.onnx' if runtime == 'onnxruntime' else '.xml'}", to=runtime,
+                      int8=int8, calibration=calibration, check=False)
+        run = load_exported(path, precision="bf16" if runtime == "openvino" and case.dtype == "bf16" and not int8
+                            else "fp32").model
+    return inference_step(run, inputs.images)
 
 
 def _timm_model(cfg: ViTConfig, fused_attn: bool) -> nn.Module:
@@ -173,6 +191,11 @@ def _build(variant: str, case: Case, inputs: Inputs) -> Step:
     """The step of ``variant`` on ``case``. Inference in bf16 casts weights to bf16 except "autocast"."""
     cfg = case.config
     lib, _, option = variant.partition(" ")
+    if lib in ("ORT", "OpenVINO"):
+        return _exported_step(case, inputs, "onnxruntime" if lib == "ORT" else "openvino", int8=option == "int8")
+    if variant == "vitlab int8":  # PyTorch's dynamic INT8 (torch.ao, oneDNN/fbgemm) of the plain model
+        model = torch.ao.quantization.quantize_dynamic(VisionTransformer(cfg).eval(), {nn.Linear}, dtype=torch.qint8)
+        return inference_step(model, inputs.images)
     if lib == "vitlab":
         model: nn.Module = accelerate(VisionTransformer(cfg))
     elif lib == "timm":
@@ -195,15 +218,20 @@ def _build(variant: str, case: Case, inputs: Inputs) -> Step:
     return inference_step(model, inputs.images.to(dtype))
 
 
-def variants(case: Case, *, compile: bool = True) -> list[str]:
-    """vitlab first, then the installed peers' variants that apply to ``case``."""
+def variants(case: Case, *, compile: bool = True, runtimes: bool = False) -> list[str]:
+    """vitlab first, then the installed peers' variants that apply to ``case``. With ``runtimes``,
+    inference also runs on ONNX Runtime and OpenVINO, and the bf16 cases hold the INT8 paths."""
     names = ["vitlab", "timm", "timm TIMM_FUSED_ATTN=0"]
     if compile:
         names.append("timm torch.compile")
     if case.dtype == "bf16" and not case.train:
         names.append("timm autocast")
     names += ["HF sdpa", "HF eager"]
-    return [n for n in names if n == "vitlab" or installed(PEERS[n.split()[0]])]
+    if runtimes and not case.train:
+        names += ["ORT", "OpenVINO"] if case.dtype == "fp32" else ["OpenVINO", "vitlab int8", "ORT int8",
+                                                                    "OpenVINO int8"]
+    return [n for n in names if n == "vitlab" or n.startswith("vitlab ")
+            or all(installed(p) for p in PEERS[n.split()[0]])]
 
 
 def peak_step(dtype: torch.dtype) -> Step:
@@ -224,8 +252,10 @@ def _seconds(step: Step, iters: int, clock: Callable[[], float] = time.perf_coun
     return (clock() - start) / iters
 
 
-def time_interleaved(steps: dict[str, Step], *, rounds: int, target_s: float, clock: str = "wall") -> dict[str, float]:
-    """Median seconds per call of each step, timed round-robin with a rotating order."""
+def time_interleaved(steps: dict[str, Step], *, rounds: int, target_s: float, clock: str = "wall",
+                     ) -> dict[str, list[float]]:
+    """Seconds of every call of each step, timed round-robin with a rotating order (~``target_s`` of
+    calls per step and round)."""
     tick = CLOCKS[clock]
     iters = {}
     for name, step in steps.items():
@@ -235,8 +265,8 @@ def time_interleaved(steps: dict[str, Step], *, rounds: int, target_s: float, cl
     names = list(steps)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            samples[name].append(_seconds(steps[name], iters[name], tick))
-    return {name: statistics.median(s) for name, s in samples.items()}
+            samples[name] += [_seconds(steps[name], 1, tick) for _ in range(iters[name])]
+    return samples
 
 
 def _proc_status(key: str) -> int:
@@ -268,7 +298,7 @@ def measure_memory(case: Case, variant: str, threads: int, repeats: int = 3) -> 
 
 def _memory_probe(arg: str) -> int:
     spec = json.loads(arg)
-    for lib in ("timm", "transformers"):  # every variant carries the same library code
+    for lib in ("timm", "transformers", "onnxruntime", "openvino"):  # every variant carries the same library code
         try:
             __import__(lib)
         except ImportError:
@@ -293,10 +323,11 @@ def steady_peak_rss(step: Step) -> int:
 @dataclass
 class Row:
     variant: str
-    seconds: float
+    seconds: float  # the median call
     gflops: float
     peak_fraction: float
     rss_mib: float | None
+    p90_seconds: float | None = None  # the 90th-percentile call
 
 
 @dataclass
@@ -310,24 +341,27 @@ class CaseResult:
 
 
 def run_case(case: Case, *, rounds: int, target_s: float, threads: int, compile: bool = True,
-             memory: bool = True, clock: str = "wall", log: Callable[[str], None] = print) -> CaseResult:
+             memory: bool = True, runtimes: bool = False, clock: str = "wall",
+             log: Callable[[str], None] = print) -> CaseResult:
     """Time every variant of ``case`` interleaved with the matmul peak; optionally their memory."""
     inputs = make_inputs(case)
     torch.manual_seed(0)
-    steps = {v: _build(v, case, inputs) for v in variants(case, compile=compile)}
+    steps = {v: _build(v, case, inputs) for v in variants(case, compile=compile, runtimes=runtimes)}
     steps["matmul peak"] = peak_step(DTYPES[case.dtype])
     log(f"{case.name}: timing {len(steps)} steps x {rounds} rounds")
-    seconds = time_interleaved(steps, rounds=rounds, target_s=target_s, clock=clock)
-    peak = 2 * PEAK_SIZE**3 / seconds.pop("matmul peak") / 1e9
+    samples = time_interleaved(steps, rounds=rounds, target_s=target_s, clock=clock)
+    peak = 2 * PEAK_SIZE**3 / statistics.median(samples.pop("matmul peak")) / 1e9
     del steps
     gc.collect()
     rows = []
-    for variant, s in seconds.items():
+    for variant, calls in samples.items():
         # Memory where the targets need it (bf16); a compiled variant would compile again.
         measured = memory and case.dtype == "bf16" and "compile" not in variant
         rss = measure_memory(case, variant, threads) / 2**20 if measured else None
+        s = statistics.median(calls)
         gflops = case.flops / s / 1e9
-        rows.append(Row(variant, s, gflops, gflops / peak, rss))
+        p90 = statistics.quantiles(calls, n=10)[-1] if len(calls) >= 10 else None
+        rows.append(Row(variant, s, gflops, gflops / peak, rss, p90))
     return CaseResult(case, peak, rows)
 
 
@@ -378,7 +412,7 @@ def machine() -> dict[str, str]:
     except (OSError, StopIteration):
         pass
     versions = {}
-    for pkg in ("torch", "timm", "transformers"):
+    for pkg in ("torch", "timm", "transformers", "onnxruntime", "openvino"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -397,11 +431,12 @@ def format_case(result: CaseResult) -> str:
     case, base = result.case, result.row("vitlab").seconds
     lines = [f"#### {case.name} ({case.flops / case.batch / 1e9 / (3 if case.train else 1):.2f} GFLOPs/image forward; "
              f"{case.dtype} matmul peak {result.peak_gflops:.0f} GFLOP/s in the same rounds)", "",
-             "| variant | ms / iter | images/s | GFLOP/s | % of peak | vitlab speed-up | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | ms / iter (p50) | p90 | images/s | GFLOP/s | % of peak | vitlab speed-up | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result.rows:
         rss = f"{r.rss_mib:.0f}" if r.rss_mib is not None else "-"
-        lines.append(f"| {r.variant} | {r.seconds * 1e3:.1f} | {case.batch / r.seconds:.1f} | {r.gflops:.0f} | "
+        p90 = f"{r.p90_seconds * 1e3:.1f}" if r.p90_seconds is not None else "-"
+        lines.append(f"| {r.variant} | {r.seconds * 1e3:.1f} | {p90} | {case.batch / r.seconds:.1f} | {r.gflops:.0f} | "
                      f"{100 * r.peak_fraction:.0f}% | {r.seconds / base:.2f}x | {rss} |")
     return "\n".join(lines)
 
@@ -416,34 +451,37 @@ class Report:
 
 
 def run(cases: tuple[Case, ...], *, rounds: int, target_s: float, threads: int = 2, compile: bool = True,
-        memory: bool = True, data: str | None = None, epoch_batches: int = 0, clock: str = "wall",
-        log: Callable[[str], None] = print) -> Report:
+        memory: bool = True, runtimes: bool = False, data: str | None = None, epoch_batches: int = 0,
+        clock: str = "wall", log: Callable[[str], None] = print) -> Report:
     """Run ``cases`` (and the epoch on ``data`` if given); return the markdown report and the results.
 
     ``clock="cpu"`` times this thread's CPU time instead of wall time: with one thread it is all
-    the compute, and it barely moves when other processes share the cores.
+    the compute, and it barely moves when other processes share the cores (not with ``runtimes``:
+    ONNX Runtime and OpenVINO compute on threads of their own).
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
     if clock == "cpu" and threads != 1:
         raise ValueError("clock='cpu' measures one thread; use it with threads=1")
+    if clock == "cpu" and runtimes:
+        raise ValueError("clock='cpu' cannot time ONNX Runtime or OpenVINO (their own threads); use runtimes=False")
     torch.set_num_threads(threads)
     info = machine()
     load_before = load_average()
-    missing = [package for package in PEERS.values() if not installed(package)]
-    skipped = (f"- not installed, so not timed: {', '.join(missing)} (pip install 'vitlab[bench]' times vitlab "
-               "against them)" if missing else "")
+    missing = [p for packages in PEERS.values() for p in packages if not installed(p)]
+    skipped = (f"- not installed, so not timed: {', '.join(missing)} (pip install 'vitlab[bench]' and "
+               "'vitlab[deploy]' time vitlab against them)" if missing else "")
     log(f"load average before: {load_before}" + (f"; {skipped[2:]}" if missing else ""))
     results = []
     for c in cases:
         results.append(run_case(c, rounds=rounds, target_s=target_s, threads=threads, compile=compile,
-                                memory=memory, clock=clock, log=log))
+                                memory=memory, runtimes=runtimes, clock=clock, log=log))
         log(format_case(results[-1]))  # progress: each table as soon as it is measured
     epoch = run_epoch(data, max_batches=epoch_batches, threads=threads, log=log) if data else ""
     load_after = load_average()
     head = [f"- machine: {info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), {threads} threads",
             f"- versions: python {info['python']}, torch {info['torch']}, timm {info['timm']}, "
-            f"transformers {info['transformers']}",
+            f"transformers {info['transformers']}, onnxruntime {info['onnxruntime']}, openvino {info['openvino']}",
             f"- date: {info['date']}; rounds: {rounds}, ~{target_s:g} s per timing, {clock} clock; "
             f"load average (1, 5, 15 min) before {load_before}, after {load_after}"] + ([skipped] if missing else [])
     body = [format_case(r) for r in results] + ([epoch] if epoch else [])

@@ -493,6 +493,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]):
     rounds = args.rounds or (3 if args.quick else 5)
     return bench.run(cases, rounds=rounds, target_s=0.3 if args.quick else 0.5, threads=args.threads,
                      compile=not (args.quick or args.no_compile), memory=not (args.quick or args.no_memory),
+                     runtimes=not (args.quick or args.no_runtimes or args.clock == "cpu"),
                      data=args.data, epoch_batches=args.epoch_batches, clock=args.clock, log=log)
 
 
@@ -690,12 +691,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="with --prune: remove every cached file")
     p.set_defaults(func=cmd_hub)
 
-    p = sub.add_parser("bench", help="speed of vitlab, and of timm and transformers where installed (vitlab[bench])")
+    p = sub.add_parser("bench", help="speed of vitlab, and of timm, transformers, ONNX Runtime and OpenVINO where "
+                                     "installed (vitlab[bench], vitlab[deploy])")
     p.add_argument("--quick", action="store_true", help="3 small cases, 3 rounds, no compile or memory (~1 min)")
     p.add_argument("--cases", default="", help="only cases whose name contains one of these comma-separated parts, e.g. 'vit_s16,train'")
     p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every variant")
     p.add_argument("--no-compile", action="store_true", help="leave out timm + torch.compile")
+    p.add_argument("--no-runtimes", action="store_true",
+                   help="leave out ONNX Runtime, OpenVINO and the INT8 paths (also left out by --quick and --clock cpu)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: thread CPU time, robust on a shared machine (needs --threads 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
