@@ -101,3 +101,19 @@ def test_cli_start_without_torch_for_help(args):
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     expect_torch = args[0] == "train"  # a verb's own options come from the configs (torch)
     assert out.stdout.strip().splitlines()[-1] == str(expect_torch), out.stderr
+
+
+def test_only_the_cli_imports_serve():
+    graph = import_graph()
+    users = {n for n, deps in graph.items() if any(d.startswith("vitlab.serve") for d in deps)}
+    assert {u for u in users if not u.startswith("vitlab.serve")} == {"vitlab.cli"}
+    assert not any("vitlab.cli" in graph[n] for n in graph if n.startswith("vitlab.serve"))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"]])
+def test_help_starts_without_fastapi(args):
+    code = ("import sys; from vitlab.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'fastapi' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False False", out.stderr
