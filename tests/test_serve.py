@@ -203,6 +203,33 @@ def test_bad_requests_get_422_and_the_server_keeps_answering(client):
     assert client.post("/v1/predict", files=upload(png())).status_code == 200
 
 
+def test_a_decompression_bomb_is_refused_from_its_header(client):
+    buffer = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(buffer, format="PNG")  # 48 million pixels in a few kB
+    r = client.post("/v1/predict", files=upload(buffer.getvalue(), "bomb.png"))
+    assert r.status_code == 422 and "8000 x 6000 pixels is over the cap" in r.json()["error"]
+
+
+def test_the_server_survives_garbage(client):
+    import random
+
+    rng = random.Random(0)
+    good = png()
+    bodies = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 3000))) for _ in range(10)]
+    bodies += [good[:n] for n in (8, 16, 33, 60)]
+    bodies += [good[:n] + bytes(rng.getrandbits(8) for _ in range(20)) + good[n + 20:] for n in (30, 50, 80)]
+    for body in bodies:  # an answer for each, JSON when refused (a flipped byte may still decode)
+        for path in ("/v1/predict", "/v1/attention"):
+            r = client.post(path, files=upload(body))
+            assert r.status_code in (200, 415, 422) and (r.status_code == 200 or list(r.json()) == ["error"])
+    for raw, kind in ((b"--b\r\nContent-Disposition: form-data; name=file; filename=x\r\n\r\nab", "multipart/form-data; boundary=b"),
+                      (b"\x00\xff" * 50, "multipart/form-data; boundary=b"), (b"{}", "application/json"),
+                      (good, "image/png"), (b"", "multipart/form-data")):
+        r = client.post("/v1/predict", content=raw, headers={"content-type": kind})
+        assert 400 <= r.status_code < 500 and list(r.json()) == ["error"], (raw[:20], r.status_code, r.text)
+    assert client.post("/v1/predict", files=upload(good)).status_code == 200
+
+
 def test_a_model_without_attention_says_so():
     from vitlab.config import BiTConfig
     from vitlab.models import build_model
