@@ -123,3 +123,84 @@ def test_eval_errors_are_clear(model_file, tmp_path, capsys):
     bad.write_bytes(b"\x00" * 64)
     assert main(["eval", str(bad), "--data", str(root)]) == 2
     assert "corrupted or truncated" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- ImageNet-ReaL (--real-labels)
+
+def test_real_top1_matches_labels_by_sorted_file_name():
+    from vitlab.evaluate import real_top1
+
+    # the dataset's order (class folder by class folder) is not the file-name order of real.json
+    files = ["val/b/ILSVRC2012_val_00000002.JPEG", "val/a/ILSVRC2012_val_00000004.JPEG",
+             "val/a/ILSVRC2012_val_00000001.JPEG", "val/c/ILSVRC2012_val_00000003.JPEG"]
+    predictions = torch.tensor([1, 0, 2, 2])  # ... of 00000002, 00000004, 00000001, 00000003
+    labels = [[2, 5], [0], [], [0, 1]]  # for 00000001 (right), 00000002 (wrong), 00000003 (none), 00000004 (right)
+    r = real_top1(predictions, files, labels, "real.json")
+    assert (r.top1, r.num_images, r.num_skipped) == (2 / 3, 3, 1)
+    with pytest.raises(ValueError, match="more than one class folder"):
+        real_top1(predictions, ["a/x.png", "b/x.png", "c/y.png", "c/z.png"], labels)
+
+
+@pytest.fixture
+def real_folder(tmp_path):
+    """An ImageNet-like val folder: class folders holding ILSVRC2012_val_*.png, names interleaved across them."""
+    root = tmp_path / "imagenet"
+    names = ["a", "b", "c"]
+    for i in range(1, 10):
+        for split in ("train", "val"):
+            (root / split / names[i % 3]).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (12, 12), (28 * i, 255 - 25 * i, (90 * i) % 256)).save(
+                root / split / names[i % 3] / f"ILSVRC2012_val_{i:08d}.png")
+    return root
+
+
+def test_eval_real_labels_end_to_end(model_file, real_folder, tmp_path, capsys):
+    from vitlab.evaluate import split_loader
+
+    loaded = vitlab.load_model(model_file)
+    loader, _, names = split_loader(loaded, str(real_folder), "val", log=lambda m: None)
+    predicted = evaluate(loaded.model, loader, class_names=names, keep_predictions=True).predictions.tolist()
+    by_name = sorted(zip((p.rsplit("/", 1)[1] for p, _ in loader.dataset.samples), predicted))
+    labels = [[p] if i % 3 == 0 else [] if i % 3 == 1 else [(p + 1) % 3] for i, (_, p) in enumerate(by_name)]
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps(labels))
+
+    assert main(["eval", str(model_file), "--data", str(real_folder), "--split", "val", "--real-labels", str(real),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["real"] == {"top1": 0.5, "num_images": 6, "num_skipped": 3, "labels_file": str(real)}
+    assert out["num_images"] == 9 and 0 <= out["top1"] <= 1  # the original top-1, on every image
+    assert main(["eval", str(model_file), "--data", str(real_folder), "--split", "val", "--real-labels", str(real)]) == 0
+    assert "ReaL top-1 50.00% (original top-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[[0], [1]]", "holds labels for 2 images but the evaluated split has 9"),
+    (json.dumps([[0]] * 8 + [[1.5]]), "image 8's labels hold 1.5, not a class index"),
+    (json.dumps([[0]] * 8 + [["2"]]), "image 8's labels hold '2', not a class index"),
+    (json.dumps([[0]] * 8 + [[True]]), "not a class index"),
+    (json.dumps([[0]] * 8 + [[3]]), "hold 3, outside the model's 3 classes"),
+    (json.dumps([[0]] * 8 + [[-1]]), "outside the model's 3 classes"),
+    (json.dumps({"0": [1]}), "is not a list of label lists"),
+    ("[[0], [1", "is not JSON"),
+])
+def test_bad_real_labels_are_one_line_and_exit_2(content, message, model_file, real_folder, tmp_path, capsys):
+    real = tmp_path / "real.json"
+    real.write_text(content)
+    assert main(["eval", str(model_file), "--data", str(real_folder), "--split", "val", "--real-labels", str(real)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(real) in err
+    assert "real.json" in err or "--split" in err or "ImageNet-1k" in err  # and the fix
+
+
+def test_real_labels_need_an_image_folder_and_a_file(model_file, real_folder, tmp_path, capsys):
+    from helpers import write_cifar
+
+    cifar = write_cifar(tmp_path / "cifar-10-batches-bin", per_batch=2, n_test=4)
+    ten = vitlab.create_model("vit_mu4_32px", width=32, depth=1, mlp_dim=64, num_heads=2)
+    ten_file = vitlab.save_model(ten, tmp_path / "ten.safetensors")
+    (tmp_path / "real.json").write_text("[[0], [1], [2], [3]]")
+    assert main(["eval", str(ten_file), "--data", str(cifar), "--real-labels", str(tmp_path / "real.json")]) == 2
+    assert "is not an image folder" in capsys.readouterr().err
+    assert main(["eval", str(model_file), "--data", str(real_folder), "--real-labels", str(tmp_path / "no.json")]) == 2
+    assert "ReaL labels file" in capsys.readouterr().err

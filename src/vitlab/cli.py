@@ -344,7 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result, split = evaluate_checkpoint(ref, data=args.data, split=args.split,
                                         batch_size=args.batch_size, device=args.device, precision=args.precision,
                                         progress=not args.json, flip_tta=args.flip_tta, runtime=args.runtime,
-                                        log=log)
+                                        real_labels=args.real_labels, log=log)
     target = Path(ref)
     folder = target if target.is_dir() else target.parent if target.exists() else Path(".")
     try:
@@ -362,6 +362,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{name:<24}{'-' if acc is None else f'{100 * acc:.2f}%':>10}{n:>9}")
     print(f"{split}: {result.num_images} images, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}%, "
           f"loss {result.loss:.4f}")
+    if result.real is not None:
+        r = result.real
+        print(f"ReaL: {r.num_images} images with a ReaL label ({r.num_skipped} without one left out), "
+              f"ReaL top-1 {100 * r.top1:.2f}% (original top-1 {100 * result.top1:.2f}% on all {result.num_images})")
     if png is not None:
         print(f"confusion matrix: {png}")
     return 0
@@ -435,8 +439,8 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 FINETUNE_MODEL_FIELDS = ("dropout", "attention_dropout", "drop_path", "head_dropout", "fused_attention")
 
 
-def add_finetune_options(p: argparse.ArgumentParser) -> list[str]:
-    """The training options that make sense for fine-tuning, with the ``finetune`` recipe's defaults."""
+def add_finetune_options(p: argparse.ArgumentParser, base_recipe: str = "finetune") -> list[str]:
+    """The training options that make sense for fine-tuning, with the ``base_recipe``'s defaults."""
     from .config import ViTConfig
     from .data import DataConfig
     from .optim import OptimConfig
@@ -444,7 +448,7 @@ def add_finetune_options(p: argparse.ArgumentParser) -> list[str]:
     from .recipes import recipe
     from .trainconfig import DERIVED_DATA_FIELDS, TrainConfig
 
-    base = recipe("finetune")
+    base = recipe(base_recipe)
     names = add_options(p.add_argument_group("training (TrainConfig)"), TrainConfig, defaults=base,
                         exclude=("model", "epochs", "time_budget", "init_from", "train_blocks"))
     names += add_options(p.add_argument_group("optimisation (OptimConfig)"), OptimConfig, defaults=base.optim,
@@ -477,6 +481,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"lr {result.lr:g} on the whole training set: {result.eval_split} top-1 {100 * result.test_top1:.2f}%, "
           f"top-5 {100 * result.test_top5:.2f}% ({result.wall_s:.0f} s)")
     print(f"model: {result.final_run / 'last.safetensors'}; summary: {result.out / 'finetune.json'}")
+    return 0
+
+
+def cmd_vtab(args: argparse.Namespace) -> int:
+    """VTAB-1k: per task an lr sweep on 800 + 200 images, the best on all 1,000, test top-1; group means."""
+    from .vtab import vtab
+
+    overrides = {k: getattr(args, k) for k in args.config_options if hasattr(args, k)}
+    out = args.out or f"runs/vtab-{time.strftime('%Y%m%d-%H%M%S')}"
+    only = parse_list(args.only, str, "--only") if args.only else None
+    result = vtab(args.checkpoint, args.tasks, out, parse_list(args.lr, float, "--lr"), image_size=args.image_size,
+                  only=only, **overrides)
+    print(result.table())
+    print(f"results: {result.json_path}" + (f"; chart: {result.png_path}" if result.png_path else ""))
     return 0
 
 
@@ -607,6 +625,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="what runs the model: auto = by file (.onnx: ONNX Runtime, .xml: OpenVINO, else PyTorch)")
     p.add_argument("--flip-tta", action="store_true",
                    help="average the logits of each image and its mirror image (test-time augmentation)")
+    p.add_argument("--real-labels", metavar="REAL_JSON",
+                   help="ImageNet-ReaL: the reassessed labels (google-research/reassessed-imagenet real.json, one "
+                        "list per validation image in sorted file-name order); adds ReaL top-1")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -665,6 +686,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--posemb-mode", choices=["scipy", "bilinear", "bicubic"], default="scipy",
                    help="position-embedding resampling (default scipy: the official corner-aligned linear zoom)")
     p.set_defaults(func=cmd_finetune, config_options=add_finetune_options(p) if wanted("finetune") else [])
+
+    p = sub.add_parser("vtab", help="VTAB-1k: fine-tune and test on each task folder; Natural / Specialized / "
+                                    "Structured means", allow_abbrev=False,
+                       description="VTAB-1k as in the paper (App. B.1.1): per task, each --lr trains on 800 of the "
+                                   "1,000 training images and is scored on the other 200; the best trains on all "
+                                   "1,000 and is tested. SGD momentum 0.9, batch 512, 2,500 steps (the vtab recipe). "
+                                   "Prints a table and writes OUT/vtab.json and OUT/vtab.png; run it again with the "
+                                   "same --out to continue (finished tasks are skipped).")
+    p.add_argument("--model", "--from", dest="checkpoint", metavar="MODEL", required=True,
+                   help="model file, run directory or released model name (`vitlab hub list`)")
+    p.add_argument("--tasks", required=True, metavar="DIR",
+                   help="one folder per task: TASK/train/<class>/<image> (1,000 images; or TASK/train800/ and "
+                        "TASK/val200/) and TASK/test/<class>/<image>")
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/vtab-<time>); the same --out continues it")
+    p.add_argument("--image-size", type=int, help="fine-tuning resolution (default: the model's; the paper: 384)")
+    p.add_argument("--only", metavar="TASK,...", help="only these task folders (comma-separated)")
+    if wanted("vtab"):
+        from .transfer import LR_SWEEP
+        p.add_argument("--lr", default=",".join(map(str, LR_SWEEP)),
+                       help="comma-separated learning rates swept per task on its 200 validation images (default "
+                            "%(default)s; one value trains it on the 1,000 at once: the paper's 0.01)")
+    p.set_defaults(func=cmd_vtab, config_options=add_finetune_options(p, "vtab") if wanted("vtab") else [])
 
     p = sub.add_parser("hub", help="released pretrained models: list, info, download, import, cache")
     hub_sub = p.add_subparsers(dest="hub_command", required=True)

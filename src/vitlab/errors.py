@@ -10,9 +10,9 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved at ``step``."""
+    """SIGINT/SIGTERM arrived; a checkpoint was saved at ``step``. ``again``: how to continue."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved; "
-                         f"continue with: vitlab train --resume {run_dir}")
+    def __init__(self, signum: int, step: int, run_dir: Path, *, again: str = "") -> None:
+        again = again or f"checkpoint saved; continue with: vitlab train --resume {run_dir}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {again}")
         self.signum, self.step, self.run_dir = signum, step, run_dir

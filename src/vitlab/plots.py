@@ -70,3 +70,32 @@ def plot_confusion(confusion: Any, class_names: list[str], path: str | os.PathLi
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
     fig.tight_layout()
     return _save(fig, path)
+
+
+GROUP_COLOURS = {"natural": "tab:green", "specialized": "tab:orange", "structured": "tab:blue", "other": "tab:gray"}
+
+
+def plot_vtab(tasks: list[tuple[str, str, float]], means: dict[str, float], path: str | os.PathLike, *,
+              title: str = "") -> Path:
+    """VTAB-1k as bars: one per task ``(label, group, top-1)``, coloured by group, then one per group mean
+    and the overall mean (``means``: group or ``"mean"`` -> top-1)."""
+    labels = [label for label, _, _ in tasks] + [f"{group} mean" if group != "mean" else "VTAB mean" for group in means]
+    values = [100 * top1 for _, _, top1 in tasks] + [100 * v for v in means.values()]
+    colours = [GROUP_COLOURS.get(group, "tab:gray") for _, group, _ in tasks] + \
+        [GROUP_COLOURS.get(group, "black") for group in means]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * len(labels) + 2), 4.8))
+    bars = ax.bar(range(len(labels)), values, color=colours)
+    for bar in bars[len(tasks):]:
+        bar.set_hatch("//")
+        bar.set_edgecolor("white")
+    for x, v in enumerate(values):
+        ax.text(x, v + 1, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for g, c in GROUP_COLOURS.items()
+               if any(group == g for _, group, _ in tasks)]
+    ax.legend(handles, [g for g in GROUP_COLOURS if any(group == g for _, group, _ in tasks)], fontsize=8,
+              loc="upper left", ncol=len(handles), frameon=False)
+    ax.set(ylim=(0, 118), yticks=range(0, 101, 20), ylabel="test top-1 (%)", title=title or "VTAB-1k")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -32,6 +32,13 @@ _PAPER_PRETRAIN = TrainConfig(
                       warmup_steps=10_000, schedule="linear", clip_grad_norm=1.0),
     batch_size=4096, epochs=90, precision="bf16")
 
+_FINETUNE = TrainConfig(
+    model="vit_b16",
+    data=DataConfig(crop="rrc", rrc_scale=(0.05, 1.0), hflip=True),
+    optim=OptimConfig(optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=0.0, warmup_steps=500,
+                      schedule="cosine", clip_grad_norm=1.0),
+    batch_size=512, accum_steps=8, steps=10_000, eval_every=1000, precision="bf16")
+
 RECIPES: dict[str, Recipe] = {
     "vit_paper_pretrain": Recipe(
         _PAPER_PRETRAIN,
@@ -130,16 +137,20 @@ RECIPES: dict[str, Recipe] = {
     # on a 2% minival; inception crop of area (0.05, 1) and flip. The model, its weights
     # (init_from) and the resolution come from `vitlab finetune` / `vitlab.transfer.finetune_config`.
     "finetune": Recipe(
-        TrainConfig(
-            model="vit_b16",
-            data=DataConfig(crop="rrc", rrc_scale=(0.05, 1.0), hflip=True),
-            optim=OptimConfig(optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=0.0, warmup_steps=500,
-                              schedule="cosine", clip_grad_norm=1.0),
-            batch_size=512, accum_steps=8, steps=10_000, eval_every=1000, precision="bf16"),
+        _FINETUNE,
         "fine-tuning as in the paper (used by `vitlab finetune`): SGD 0.9, no weight decay, warm-up 500, cosine",
         "Dosovitskiy et al. 2020, Sec. 3.2, Appendix B.1.1 and Table 4; vit_jax/configs/common.py"),
+    # VTAB-1k (App. B.1.1, Table 4): the fine-tuning setting for 2,500 steps, the same for every task,
+    # whose one lr for all tasks is 0.01. The paper gives no warm-up for VTAB: 200 steps, as the VTAB
+    # config of its authors' ViT-G/14 (Zhai et al. 2021; Scenic's plain-ViT VTAB config: 2,500 steps,
+    # lr 0.01, batch 512). One evaluation, at the end. The resolution and each task's crop and flip
+    # come from `vitlab vtab` (`vtab_tasks.json`).
+    "vtab": Recipe(
+        replace(_FINETUNE, optim=replace(_FINETUNE.optim, lr=0.01, warmup_steps=200), steps=2_500,
+                eval_every=2_500, checkpoint_every=2_500),
+        "VTAB-1k as in the paper (used by `vitlab vtab`): the finetune recipe, 2,500 steps, 200 warm-up, lr 0.01",
+        "Dosovitskiy et al. 2020, Appendix B.1.1 and Table 4; warm-up: Zhai et al. 2021 (Scenic's VTAB config)"),
 }
-
 
 def recipe(name: str) -> TrainConfig:
     """The TrainConfig of the recipe ``name``; an unknown name lists the nearest ones."""

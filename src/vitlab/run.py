@@ -90,10 +90,11 @@ def check_same_data(run: Path, recorded: dict[str, object] | None, now: dict[str
 
 
 class RunLock:
-    """An exclusive lock on a run directory for as long as the ``with`` block runs (``fcntl.flock``)."""
+    """An exclusive lock on a run directory for as long as the ``with`` block runs (``fcntl.flock``);
+    ``again`` is the command that continues it, for the message a second process gets."""
 
-    def __init__(self, run: Path) -> None:
-        self.run = run
+    def __init__(self, run: Path, *, again: str = "") -> None:
+        self.run, self.again = run, again or f"vitlab train --resume {run}"
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -105,7 +106,7 @@ class RunLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise ValueError(f"{self.run} is in use by process {holder}; wait for it to finish (or stop it), "
-                             f"then `vitlab train --resume {self.run}`") from None
+                             f"then `{self.again}`") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -48,9 +48,10 @@ def _preset_for(cfg: Any, named: str | None) -> str:
 
 def finetune_config(checkpoint: str | os.PathLike, data: str, *, image_size: int | None = None,
                     posemb_mode: str = "scipy", keep_pre_logits: bool = False, train_blocks: int = -1,
-                    **overrides: Any) -> TrainConfig:
-    """The ``finetune`` recipe for ``checkpoint`` on ``data``: its architecture at ``image_size``
-    (default: the checkpoint's), started from its weights; ``overrides`` as in ``vitlab.trainconfig.override``."""
+                    recipe_name: str = "finetune", **overrides: Any) -> TrainConfig:
+    """The ``recipe_name`` recipe (``finetune``, or ``vtab``) for ``checkpoint`` on ``data``: its architecture at
+    ``image_size`` (default: the checkpoint's), started from its weights; ``overrides`` as in
+    ``vitlab.trainconfig.override``."""
     named = isinstance(checkpoint, str) and not Path(checkpoint).exists() and is_pretrained_name(checkpoint)
     loaded = load_model(checkpoint)
     pre = loaded.config
@@ -64,7 +65,7 @@ def finetune_config(checkpoint: str | os.PathLike, data: str, *, image_size: int
     base = get_spec(preset).config
     model_overrides = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
                        if f.name != "num_classes" and getattr(target, f.name) != getattr(base, f.name)}
-    cfg = dataclasses.replace(recipe("finetune"), model=preset, model_overrides=model_overrides,
+    cfg = dataclasses.replace(recipe(recipe_name), model=preset, model_overrides=model_overrides,
                               init_from=checkpoint if named else str(model_file(checkpoint).resolve()),
                               train_blocks=train_blocks)
     return override(cfg, path=data, **overrides)
@@ -85,11 +86,13 @@ class FinetuneResult:
 
 
 def finetune(cfg: TrainConfig, out: str | os.PathLike, lrs: list[float] | tuple[float, ...] = LR_SWEEP, *,
-             minival: float = MINIVAL, log: Callable[[str], None] = tqdm.write) -> FinetuneResult:
+             minival: float = MINIVAL, sweep_data: str | None = None,
+             log: Callable[[str], None] = tqdm.write) -> FinetuneResult:
     """Fine-tune ``cfg`` (see ``finetune_config``): with several ``lrs``, each trains into
-    ``out/lr_<lr>`` on the training set minus a stratified ``minival`` share and the best on
-    minival is chosen; the chosen lr then trains on the whole training set into ``out/final``,
-    which is evaluated on the test split (val where there is no test). Writes ``out/finetune.json``."""
+    ``out/lr_<lr>`` on the training set minus a stratified ``minival`` share (or on the train split
+    of ``sweep_data``, evaluated on its val split: VTAB's 800 + 200 images) and the best on minival
+    is chosen; the chosen lr then trains on the whole training set into ``out/final``, which is
+    evaluated on the test split (val where there is no test). Writes ``out/finetune.json``."""
     start = time.perf_counter()
     out = Path(out)
     lrs = list(dict.fromkeys(lrs))
@@ -100,7 +103,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, lrs: list[float] | tuple[
     sweep = []
     if len(lrs) > 1:
         for lr in lrs:
-            run = train(override(cfg, lr=lr, val_split=minival), out / f"lr_{lr:g}", log=log)
+            held_out = dict(path=sweep_data, val_split=0.0) if sweep_data else dict(val_split=minival)
+            run = train(override(cfg, lr=lr, **held_out), out / f"lr_{lr:g}", log=log)
+            if sweep_data and (run.eval or {}).get("eval_split") != "val":
+                raise ValueError(f"{sweep_data} has no val split to choose the learning rate on; add {sweep_data}/val")
             top1 = run.eval["eval_top1"] if run.eval else float("nan")
             sweep.append({"lr": lr, "minival_top1": top1, "run": str(run.run_dir)})
             log(f"lr {lr:g}: minival top-1 {100 * top1:.2f}%")
@@ -117,7 +123,8 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, lrs: list[float] | tuple[
     result = FinetuneResult(out, sweep, best, top1, top5, split, final.run_dir, time.perf_counter() - start)
     write_json(out / SUMMARY_FILE, {
         "init_from": cfg.init_from, "data": cfg.data.path, "model": cfg.model, "model_overrides":
-        cfg.model_overrides, "steps": cfg.steps, "batch_size": cfg.batch_size, "minival": minival,
+        cfg.model_overrides, "steps": cfg.steps, "batch_size": cfg.batch_size,
+        **({"sweep_data": sweep_data} if sweep_data else {"minival": minival}),
         "sweep": sweep, "lr": best, f"{split}_top1": top1, f"{split}_top5": top5, "final_run": str(final.run_dir),
         "wall_s": round(result.wall_s, 1)})
     return result

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from .cifar import FOLDERS, detect_layout, read_cifar
 from .config import DataConfig
-from .datasets import FolderScan, folder_dataset, scan_class_folders, stratified_split
+from .datasets import CLASS_LIST, FolderScan, folder_dataset, read_class_list, scan_class_folders, stratified_split
 from .download import CIFAR_ARCHIVES, Archive, ensure_archive
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -73,18 +73,21 @@ def build_data(cfg: DataConfig, *, archives: Mapping[str, Archive] = CIFAR_ARCHI
 
 
 def _folder_splits(root: Path, log: Callable[[str], None]):
-    """Image folder: ``root/train`` (+ ``val``/``test``) or a single ``root/<class>`` tree."""
+    """Image folder: ``root/train`` (+ ``val``/``test``) or a single ``root/<class>`` tree; the
+    classes are ``root/classes.txt``'s when it exists, else the training split's folders."""
+    listed = read_class_list(root)
+    listed_in = root / CLASS_LIST if listed else None
     if (root / "train").is_dir():
         scans = {s: scan_class_folders(root / s) for s in SPLIT_NAMES if (root / s).is_dir()}
-        names = list(scans["train"].files)
-        splits = {s: folder_dataset(scan, names) for s, scan in scans.items()}
+        names = listed or list(scans["train"].files)
+        splits = {s: folder_dataset(scan, names, listed_in=listed_in) for s, scan in scans.items()}
         val = splits.get("val")
         test = splits.get("test", val)
         source = f"image folder {root} ({', '.join(scans)})"
     elif any(p.is_dir() for p in root.iterdir()):
         scans = {"train": scan_class_folders(root)}
-        names = list(scans["train"].files)
-        splits = {"train": folder_dataset(scans["train"], names)}
+        names = listed or list(scans["train"].files)
+        splits = {"train": folder_dataset(scans["train"], names, listed_in=listed_in)}
         val = test = None
         source = f"image folder {root}"
     else:

@@ -115,17 +115,35 @@ def scan_class_folders(root: Path) -> FolderScan:
     return FolderScan(root, files, ignored, links)
 
 
-def folder_dataset(scan: FolderScan, class_names: list[str]) -> ImageFolderDataset:
-    """Samples of ``scan`` labelled by position in ``class_names`` (the training classes)."""
+CLASS_LIST = "classes.txt"  # an image folder's own list of its classes, one folder name a line
+
+
+def read_class_list(root: Path) -> list[str] | None:
+    """The classes ``root/classes.txt`` lists, in its order (None without the file)."""
+    path = root / CLASS_LIST
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if len(names) < 2 or repeated:
+        raise ValueError(f"{path} must list at least two class folder names, each once (one a line)"
+                         + (f"; repeated: {repeated[:5]}" if repeated else ""))
+    return names
+
+
+def folder_dataset(scan: FolderScan, class_names: list[str], *, listed_in: Path | None = None) -> ImageFolderDataset:
+    """Samples of ``scan`` labelled by position in ``class_names``: the training classes, or those the
+    ``listed_in`` file (``classes.txt``) lists, which a split may have no images of."""
     missing = [c for c in class_names if c not in scan.files]
     extra = [c for c in scan.files if c not in class_names]
-    if missing:
+    if missing and listed_in is None:
         raise ValueError(f"{scan.root} has no folder for class(es) {missing} present in training; "
-                         f"every training class needs images in each split")
+                         f"every training class needs images in each split (or list the classes in "
+                         f"{scan.root.parent / CLASS_LIST})")
     if extra:
-        raise ValueError(f"{scan.root} has class folder(s) {extra} that training does not have; "
-                         f"rename or remove them")
-    samples = [(p, class_names.index(c)) for c in class_names for p in scan.files[c]]
+        known = f"{listed_in} does not list" if listed_in else "training does not have"
+        raise ValueError(f"{scan.root} has class folder(s) {extra} that {known}; rename or remove them")
+    samples = [(p, class_names.index(c)) for c in class_names for p in scan.files.get(c, [])]
     return ImageFolderDataset(samples, class_names)
 
 
@@ -136,6 +154,8 @@ def stratified_split(labels: Tensor, fraction: float, seed: int,
     train, val = [], []
     for c in range(len(class_names)):
         idx = (labels == c).nonzero().flatten()
+        if len(idx) == 0:  # a class that classes.txt lists and this split has no images of
+            continue
         idx = idx[torch.randperm(len(idx), generator=g)]
         n_val = max(1, round(len(idx) * fraction))
         if len(idx) - n_val < 1:
