@@ -204,3 +204,17 @@ def test_real_labels_need_an_image_folder_and_a_file(model_file, real_folder, tm
     assert "is not an image folder" in capsys.readouterr().err
     assert main(["eval", str(model_file), "--data", str(real_folder), "--real-labels", str(tmp_path / "no.json")]) == 2
     assert "ReaL labels file" in capsys.readouterr().err
+
+
+def test_a_released_model_reads_imagenet_class_folders():
+    from vitlab.checkpoint import LoadedModel
+    from vitlab.evaluate import same_classes
+    from vitlab.hub import labels, synsets
+
+    model = vitlab.create_model("vit_mu4_32px", width=32, depth=1, mlp_dim=64, num_heads=2, num_classes=1000)
+    released = LoadedModel(model, labels("imagenet1k"), {"pretrained": "vit_b16.augreg_in21k_ft_in1k"})
+    assert labels("imagenet1k")[0] == "tench, Tinca tinca" and synsets("imagenet1k")[0] == "n01440764"
+    assert same_classes(released, synsets("imagenet1k"))  # val/n01440764/ILSVRC2012_val_00000293.JPEG ...
+    assert same_classes(released, labels("imagenet1k"))
+    assert not same_classes(released, sorted(synsets("imagenet1k"))[::-1])
+    assert not same_classes(LoadedModel(model, labels("imagenet1k")), synsets("imagenet1k"))  # a file: by name only

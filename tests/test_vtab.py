@@ -177,3 +177,12 @@ def test_classes_txt_lets_a_split_lack_a_class(tmp_path):
     (root / "classes.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match=r"that .*classes.txt does not list"):
         build_data(DataConfig(path=str(root)), log=lambda m: None)
+
+
+def test_the_task_file_ships_with_the_package():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "vtab_tasks.json" in package_data["vitlab"] and TASKS_FILE.parent == root / "src" / "vitlab"
+    assert "include src/vitlab/vtab_tasks.json" in (root / "MANIFEST.in").read_text()

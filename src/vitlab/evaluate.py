@@ -24,7 +24,7 @@ from .checkpoint import LoadedModel
 from .config import as_pair
 from .data import DataConfig, ImageFolderDataset, Loader, build_data
 from .distributed import DistEnv, autocast, even_batches, resolve_device, sum_across_ranks
-from .hub import is_pretrained_name, load_model
+from .hub import entry_for, is_pretrained_name, load_model, synsets
 from .run import CONFIG_FILE, load_run_config
 
 
@@ -209,6 +209,15 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
     return result, split
 
 
+def same_classes(loaded: LoadedModel, names: list[str]) -> bool:
+    """Whether the data's class ``names`` are the model's: the same names, or for a released model the
+    WordNet ids of its label list (ImageNet's class folders, ``n01440764`` ...)."""
+    if loaded.class_names is None or loaded.class_names == names:
+        return True
+    label_list = entry_for(loaded.meta["pretrained"]).labels if "pretrained" in loaded.meta else None
+    return bool(label_list) and synsets(label_list) == names
+
+
 def split_loader(loaded: LoadedModel, data: str | None, split: str | None = None, *, base: DataConfig | None = None,
                  batch_size: int = 256, log: Callable[[str], None] = print) -> tuple[Loader, str, list[str]]:
     """An evaluation loader over ``split`` of ``data`` (default: test, else val) preprocessed for
@@ -220,7 +229,7 @@ def split_loader(loaded: LoadedModel, data: str | None, split: str | None = None
     data_cfg = dataclasses.replace(base, path=data or base.path, image_size=size[0],
                                    mean=tuple(mcfg.mean), std=tuple(mcfg.std))
     splits = build_data(data_cfg, log=log)
-    if loaded.class_names is not None and loaded.class_names != splits.class_names:
+    if not same_classes(loaded, splits.class_names):
         raise ValueError(f"the checkpoint's classes {loaded.class_names[:5]}... differ from the data's "
                          f"{splits.class_names[:5]}...; evaluate on the data the model was trained for")
     available = {name: ds for name, ds in (("test", splits.test), ("val", splits.val), ("train", splits.train))
