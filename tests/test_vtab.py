@@ -160,7 +160,32 @@ def test_bad_input_is_one_line_and_exit_2(tasks, model_file, tmp_path, capsys):
     (foreign / "notes.txt").write_text("mine")
     err = refused("--tasks", str(tasks), "--out", str(foreign))
     assert "holds no VTAB sweep" in err and (foreign / "notes.txt").read_text() == "mine"
-    assert not (tmp_path / "out").exists()
+    assert "is inside --tasks" in refused("--tasks", str(tasks), "--out", str(tasks / "runs"))
+    assert not (tmp_path / "out").exists() and not (tasks / "runs").exists()
+
+
+def test_one_process_per_out_and_an_interrupted_task(tasks, model_file, tmp_path, capsys, monkeypatch):
+    import signal
+
+    import vitlab.vtab as vtab_module
+    from vitlab.errors import Interrupted
+    from vitlab.run import RunLock
+
+    out = tmp_path / "out"
+    command = ["vtab", "--model", str(model_file), "--tasks", str(tasks), "--out", str(out), "--only", "dtd", *FAST]
+    with RunLock(out):  # as a running `vitlab vtab` holds it
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"in use by process {os.getpid()}" in err and "vitlab vtab --model" in err
+
+    def stopped(cfg, work, lrs, **kw):
+        raise Interrupted(signal.SIGINT, 1, work / "lr_0.01")
+
+    monkeypatch.setattr(vtab_module, "finetune", stopped)
+    assert main(command) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT at step 1; dtd is unfinished; continue with the same command" in err
+    assert not (out / "dtd" / "result.json").exists() and (out / "vtab_config.json").is_file()
 
 
 def test_classes_txt_lets_a_split_lack_a_class(tmp_path):

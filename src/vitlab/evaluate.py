@@ -105,7 +105,8 @@ def real_order(files: list[str]) -> list[int]:
     return order
 
 
-def real_top1(predictions: torch.Tensor, files: list[str], labels: list[list[int]], labels_file: str = "") -> RealResult:
+def real_top1(predictions: torch.Tensor, files: list[str], labels: list[list[int]],
+              labels_file: str = "") -> RealResult:
     """ReaL top-1 of the top-1 ``predictions`` of ``files`` (same order) against ``labels`` (file-name order)."""
     hits = used = 0
     for rank, i in enumerate(real_order(files)):

@@ -42,7 +42,7 @@ GROUPS = ("natural", "specialized", "structured", "other")
 VAL_SHARE = 0.2  # VTAB-1k: 200 of the 1,000 training images choose the hyper-parameters
 SPLIT_SEED = 0  # the 800 / 200 draw from a plain TASK/train
 CONFIG_FILE, RESULT_FILE, PLOT_FILE = "vtab_config.json", "vtab.json", "vtab.png"
-RESULT_FILE_TASK = "result.json"  # OUT/TASK/result.json: a finished task
+TASK_RESULT_FILE = "result.json"  # OUT/TASK/result.json: a finished task
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ class VtabResult:
 
 def summarize(out: Path, settings: dict[str, Any], pending: list[str]) -> VtabResult:
     """Every finished task's ``OUT/TASK/result.json`` into ``OUT/vtab.json`` and the bar chart ``OUT/vtab.png``."""
-    found = [json.loads(f.read_text()) for f in sorted(out.glob(f"*/{RESULT_FILE_TASK}"))]
+    found = [json.loads(f.read_text()) for f in sorted(out.glob(f"*/{TASK_RESULT_FILE}"))]
     finished = {r["task"]: r for r in sorted(found, key=lambda r: (GROUPS.index(r["group"]), r["task"]))}
     groups = {}
     for group in GROUPS:
@@ -278,6 +278,8 @@ def vtab(model: str | os.PathLike, tasks_dir: str | os.PathLike, out: str | os.P
     if not lrs or min(lrs) <= 0:
         raise ValueError(f"learning rates must be positive, got {lrs}")
     tasks = find_tasks(tasks_dir, only, log=log)
+    if out.resolve().is_relative_to(Path(tasks_dir).expanduser().resolve()):
+        raise ValueError(f"--out {out} is inside --tasks {tasks_dir}: it would read as a task; pass a folder elsewhere")
     ref = str(Path(model).resolve()) if Path(model).exists() else str(model)
     settings = json.loads(json.dumps({"model": ref, "tasks_dir": str(Path(tasks_dir).expanduser().resolve()),
                                       "lrs": lrs, "image_size": image_size, "overrides": overrides}))
@@ -287,11 +289,11 @@ def vtab(model: str | os.PathLike, tasks_dir: str | os.PathLike, out: str | os.P
         if not (out / CONFIG_FILE).is_file():
             write_json(out / CONFIG_FILE, settings)
         base = recipe("vtab")
-        pending = [t.name for t in tasks if not (out / t.name / RESULT_FILE_TASK).is_file()]
+        pending = [t.name for t in tasks if not (out / t.name / TASK_RESULT_FILE).is_file()]
         for i, task in enumerate(tasks, 1):
             work, step = out / task.name, f"[{i}/{len(tasks)}] {task.name}"
-            if (work / RESULT_FILE_TASK).is_file():
-                log(f"{step}: finished earlier ({work / RESULT_FILE_TASK}); skipped")
+            if (work / TASK_RESULT_FILE).is_file():
+                log(f"{step}: finished earlier ({work / TASK_RESULT_FILE}); skipped")
                 continue
             if not (work / SUMMARY_FILE).is_file():  # (finished but for its result file: that is written below)
                 if work.exists():
@@ -316,7 +318,7 @@ def vtab(model: str | os.PathLike, tasks_dir: str | os.PathLike, out: str | os.P
                         f"{task.name} is unfinished; continue with the same command: {again} (finished tasks "
                         f"are kept, {task.name} starts over)")) from None
             result = task_result(task, work)
-            write_json(work / RESULT_FILE_TASK, result)
+            write_json(work / TASK_RESULT_FILE, result)
             pending.remove(task.name)
             log(f"{step}: lr {result['lr']:g}, test top-1 {100 * result['test_top1']:.2f}% ({result['wall_s']:.0f} s)")
             summarize(out, settings, pending)  # the partial results, after every task
