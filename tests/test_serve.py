@@ -384,3 +384,33 @@ def test_serve_options_come_from_serve_config():
     args = parse_args(["serve", "--model", NAME, "--max-batch", "1", "--no-access-log", "--port", "0"])
     assert {k: getattr(args, k) for k in args.config_options if hasattr(args, k)} == \
         {"max_batch": 1, "access_log": False, "port": 0}
+
+
+def test_keep_alive_connections_get_tcp_nodelay():
+    # asyncio sets TCP_NODELAY only on connections of a socket whose protocol is IPPROTO_TCP; without it
+    # every request after the first on a keep-alive connection waited ~40 ms (Nagle against delayed ACK).
+    import asyncio
+    import socket
+
+    from vitlab.serve.app import listen_socket
+
+    async def accepted_nodelay() -> int:
+        sock = listen_socket("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        value = await asyncio.wait_for(seen, 10)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) == 1
+    with pytest.raises(ValueError, match="pass another --port"):
+        with listen_socket("127.0.0.1", 0) as taken:
+            taken.listen()
+            listen_socket("127.0.0.1", taken.getsockname()[1]).close()
