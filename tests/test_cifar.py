@@ -75,9 +75,21 @@ def test_a_resized_run_trains_at_rising_sizes_and_evaluates_at_full_size(tmp_pat
 
 
 def test_cifar_recipes_are_documented_and_valid():
-    for name in ("cifar10", "cifar10_baseline"):
+    for name in ("cifar10", "cifar10_plain", "cifar10_baseline"):
         assert RECIPES[name].source and RECIPES[name].description
         RECIPES[name].config.data_config()
+
+
+def test_the_recipe_trains_with_spt_lsa_and_seq_pooling_from_the_command_line(tmp_path):
+    from vitlab.cli import main
+    data = write_cifar(tmp_path / "cifar-10-batches-bin")
+    widths = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(["train", "--recipe", "cifar10", "--data", str(data), "--steps", "2", "--batch-size", "16", "--threads", "1", *widths,
+                 "--conv-stem", "--shifted-patches", "--locality-attention", "--pool", "seq", "--layer-scale", "0.1",
+                 "--out", str(tmp_path / "run")]) == 0
+    model = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["model_overrides"]
+    assert model["conv_stem"] == [] and model["shifted_patches"] and model["locality_attention"]
+    assert model["pool"] == "seq" and model["layer_scale"] == 0.1
 
 
 def test_a_time_budget_sizes_a_resized_run(tmp_path):

@@ -54,6 +54,20 @@ def test_timm_state_dict_imports_and_exports_with_equal_logits(tmp_path):
         assert max_diff(fresh.eval()(x), ref(x)) == 0.0
 
 
+def test_timm_layer_scale_model_imports_and_exports_with_equal_logits(tmp_path):
+    ref = small_timm(init_values=0.1)  # timm's LayerScale: blocks.i.ls1.gamma / ls2.gamma
+    torch.save(ref.state_dict(), tmp_path / "ls.pth")
+    model, _ = import_model(tmp_path / "ls.pth", num_heads=2)
+    assert model.cfg.layer_scale > 0
+    x = images()
+    with torch.no_grad():
+        assert max_diff(model(x), ref(x)) <= 1e-5
+        fresh = TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5,
+                        init_values=1e-5)
+        fresh.load_state_dict(torch.load(export_model(model, tmp_path / "back.pth"), weights_only=True))
+        assert max_diff(fresh.eval()(x), ref(x)) == 0.0
+
+
 def test_timm_gap_model_without_class_token(tmp_path):
     ref = small_timm(class_token=False, global_pool="avg", fc_norm=False)
     torch.save(ref.state_dict(), tmp_path / "gap.pth")

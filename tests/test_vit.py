@@ -211,3 +211,65 @@ def test_count_flops_other_image_size():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert counter.get_total_flops() == vitlab.count_flops(model)
+
+
+# --- small-data options: SPT, LSA, sequence pooling, layer scale ---------------------------
+SMALL_DATA = [{"layer_scale": 0.1}, {"pool": "seq", "class_token": False}, {"shifted_patches": True},
+              {"locality_attention": True},
+              {"shifted_patches": True, "locality_attention": True, "pool": "seq", "class_token": False}]
+
+
+@pytest.mark.parametrize("kw", SMALL_DATA)
+def test_small_data_options_count_flops_agree_fused_and_train(kw):
+    from helpers import randomise
+    explicit = randomise(tiny(fused_attention=False, **kw))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ref = explicit(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert counter.get_total_flops() == 3 * vitlab.count_flops(explicit)
+    fused = tiny(**kw).eval()
+    fused.load_state_dict(explicit.state_dict())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(fused(x), ref, atol=1e-4)
+        fast = vitlab.accelerate(fused)
+        with torch.autocast("cpu", torch.bfloat16):  # the training fast path (matmul attention under bf16)
+            assert torch.allclose(fast(x).float(), ref, atol=0.1 * ref.abs().max())
+    fused.train()(x).square().sum().backward()
+    new = [n for n, p in fused.named_parameters() if any(k in n for k in ("ls1", "temperature", "score", "patch_embed.norm"))]
+    assert new or kw.get("pool") == "seq"
+    assert all(fused.get_parameter(n).grad.abs().sum() > 0 for n in new)
+
+
+def test_lsa_masks_the_diagonal_and_learns_a_temperature_per_head():
+    model = tiny(locality_attention=True).eval()
+    attn = model.blocks[0].attn
+    assert attn.temperature.shape == (4,) and torch.allclose(attn.temperature, torch.full((4,), 16 ** -0.5))
+    w = attn.attention_weights(torch.randn(2, 65, 64))
+    assert w.diagonal(dim1=-2, dim2=-1).abs().max() == 0 and torch.allclose(w.sum(-1), torch.ones(2, 4, 65))
+    from vitlab.optim import build_optimizer, OptimConfig
+    groups = build_optimizer(model, OptimConfig()).param_groups
+    assert any(p is attn.temperature for g in groups if g["weight_decay"] == 0 for p in g["params"])
+
+
+def test_spt_views_are_the_image_and_its_four_diagonal_shifts():
+    from vitlab.models.vit import shifted_views
+    x = torch.zeros(1, 1, 16, 16)
+    x[0, 0, 7, 9] = 1.0
+    views = shifted_views(x, 2)
+    assert views.shape == (1, 5, 16, 16)
+    assert [tuple(v.nonzero()[0].tolist()) for v in views[0]] == [(7, 9), (9, 11), (9, 7), (5, 11), (5, 7)]
+    model = tiny(shifted_patches=True)
+    assert model.patch_embed.norm.normalized_shape == (5 * 3 * 16,) and model.forward_features(
+        torch.randn(2, 3, 32, 32)).shape == (2, 65, 64)
+    with pytest.raises(ValueError, match="shifted_patches and conv_stem"):
+        vitlab.model_config("vit_mu4_32px", shifted_patches=True, conv_stem=(16, 32))
+
+
+@pytest.mark.parametrize("kw,name", [({"locality_attention": True}, "locality_attention"),
+                                     ({"pool": "seq", "class_token": False}, "pool='seq'"),
+                                     ({"shifted_patches": True}, "shifted_patches"),
+                                     ({"layer_scale": 0.1}, "layer_scale")])
+def test_small_data_options_are_not_exported_where_no_format_holds_them(tmp_path, kw, name):
+    from vitlab.interop import export_model
+    with pytest.raises(ValueError, match=f"no official model has {name}"):
+        export_model(tiny(**kw), tmp_path / "m.npz")

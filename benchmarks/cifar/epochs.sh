@@ -5,6 +5,7 @@
 # Each run's test top-1 (flip TTA) is the last "test" line of RUN/metrics.jsonl.
 # An ablation row: ABLATION=ema EXTRA="--ema-decay 0.999" benchmarks/cifar/epochs.sh 10 0
 #   -> runs/cifar10-10ep-ema-seed0, the recipe with EXTRA's options added.
+# Another recipe: RECIPE=cifar10_plain ABLATION=plain benchmarks/cifar/epochs.sh 10 0
 set -euo pipefail
 epochs=$1; shift
 seeds=${*:-0 1 2}
@@ -23,7 +24,7 @@ sys.exit(0 if any(r.get("step") == steps and "eval_top1" in r for r in rows) els
   if [ -f "$out/state.pt" ]; then
     "$vitlab" train --resume "$out"
   else
-    "$vitlab" train --recipe cifar10 --data "$data" --epochs "$epochs" --seed "$seed" \
+    "$vitlab" train --recipe "${RECIPE:-cifar10}" --data "$data" --epochs "$epochs" --seed "$seed" \
       --eval-every 1000000 --checkpoint-every 500 ${EXTRA:-} --out "$out"
   fi
 done

@@ -85,6 +85,8 @@ class FastAttention(Attention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.fused and not sdpa_is_faster(q):
+            if self.local:  # LSA's masked scores in two matmuls (SDPA with a mask is slower still)
+                return self.attn_drop(self.scores(q, k).softmax(dim=-1)) @ v
             return matmul_attention(q, k, v, self.scale, self.attn_drop)
         return super().attend(q, k, v)
 
@@ -110,7 +112,7 @@ class FastBlock(Block):
     """bf16 CPU inference: each residual add fused into the projection before it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fusable(x, self.mlp.fc1.weight) and not self.training:
+        if fusable(x, self.mlp.fc1.weight) and not self.training and isinstance(self.ls1, nn.Identity):
             x = self.attn(self.norm1(x), residual=x)  # dropouts are identities in eval
             return self.mlp(self.norm2(x), residual=x)
         return super().forward(x)

@@ -9,7 +9,7 @@ from typing import Any, Literal, TypeVar
 
 C = TypeVar("C")
 
-Pool = Literal["token", "gap", "map"]
+Pool = Literal["token", "gap", "map", "seq"]
 Posemb = Literal["learn", "sincos2d"]
 Gelu = Literal["exact", "tanh"]
 PosembMode = Literal["bilinear", "bicubic", "scipy"]
@@ -48,7 +48,8 @@ class ViTConfig:
     mlp_dim: int = 3072
     num_heads: int = 12
     pool: Pool = "token"  # "token": the [class] token; "gap": mean of patch tokens; "map": attention pooling
-    # of the patch tokens by a learned probe (big_vision's MAPHead, timm's attn_pool)
+    # of the patch tokens by a learned probe (big_vision's MAPHead, timm's attn_pool); "seq": CCT's sequence
+    # pooling (Hassani et al. 2021), patch tokens weighted by a softmax over a learned linear score
     class_token: bool = True
     representation_size: int | None = None  # pre-logits Linear + tanh
     dropout: float = 0.0  # after the embedding, in the MLP and after attention
@@ -60,6 +61,13 @@ class ViTConfig:
     # (BatchNorm, ReLU) with these output channels, then a 1x1 projection to D. The first log2(P)
     # have stride 2 and cut the P x P patches; any after them have stride 1 (at the token grid).
     conv_stem: tuple[int, ...] = ()  # conv stem channels (>= log2(patch_size) of them); (): linear patches
+    # Small-data options (Lee et al. 2021, "Vision Transformer for Small-Size Datasets"): shifted patch
+    # tokenisation (the image and its 4 diagonal shifts by P/2 cut into patches, LayerNorm, linear) and
+    # locality self-attention (a learned temperature per head, no attention of a token to itself).
+    shifted_patches: bool = False
+    locality_attention: bool = False
+    layer_scale: float = 0.0  # per-channel scales on each residual branch, initialised to this (CaiT; timm's
+    # init_values); 0: none
     head_dropout: float = 0.0
     gelu: Gelu = "exact"  # the official JAX code uses "tanh"
     qkv_bias: bool = True
@@ -84,8 +92,10 @@ class ViTConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
-        if self.pool not in ("token", "gap", "map"):
-            raise ValueError(f"pool must be 'token', 'gap' or 'map', got {self.pool!r}")
+        if self.pool not in ("token", "gap", "map", "seq"):
+            raise ValueError(f"pool must be 'token', 'gap', 'map' or 'seq', got {self.pool!r}")
+        if self.shifted_patches and self.conv_stem:
+            raise ValueError(f"shifted_patches and conv_stem={self.conv_stem} both cut the patches; choose one")
         if self.posemb not in ("learn", "sincos2d"):
             raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         if self.posemb == "sincos2d" and self.width % 4:

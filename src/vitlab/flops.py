@@ -19,6 +19,8 @@ def _encoder_flops(cfg: ViTConfig, n: int) -> int:
     block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * m  # qkv, qk+av, proj, mlp
     rep = cfg.representation_size
     head = (2 * d * rep if rep else 0) + 2 * (rep or d) * cfg.num_classes
+    if cfg.pool == "seq":  # the score (N x D -> N) and the weighted sum (1 x N @ N x D)
+        head += 2 * 2 * n * d
     return cfg.depth * block + head
 
 
@@ -27,7 +29,8 @@ def vit_flops(cfg: ViTConfig, image_size: int | tuple[int, int] | None = None) -
     h, w = as_pair(image_size or cfg.image_size)
     n = (h // cfg.patch_size) * (w // cfg.patch_size)
     if not cfg.conv_stem:
-        return 2 * n * cfg.in_channels * cfg.patch_size**2 * cfg.width + _encoder_flops(cfg, n)
+        views = 5 if cfg.shifted_patches else 1  # SPT: the image and its 4 shifts
+        return 2 * n * views * cfg.in_channels * cfg.patch_size**2 * cfg.width + _encoder_flops(cfg, n)
     stem, cin = 0, cfg.in_channels
     for stride, cout in zip(stem_strides(cfg), cfg.conv_stem):  # 3x3, padding 1
         flops, h, w = _conv(h, w, cin, cout, 3, stride, same=False)

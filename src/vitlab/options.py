@@ -55,8 +55,8 @@ def option_kwargs(hint: Any) -> dict[str, Any] | None:
     if origin is Literal:
         return {"type": type(args[0]), "choices": list(args)}
     if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return {"type": args[0], "nargs": "+", "action": _Tuple, "metavar": args[0].__name__.upper()}
+        if len(args) == 2 and args[1] is Ellipsis:  # no values: the empty tuple (``--conv-stem`` alone: none)
+            return {"type": args[0], "nargs": "*", "action": _Tuple, "metavar": args[0].__name__.upper()}
         if len(set(args)) == 1 and args[0] in (int, float, str):
             return {"type": args[0], "nargs": len(args), "action": _Tuple, "metavar": args[0].__name__.upper()}
         return None

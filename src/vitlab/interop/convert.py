@@ -163,6 +163,13 @@ def export_model(model: nn.Module, dst: str | os.PathLike, fmt: str | None = Non
     if getattr(cfg, "conv_stem", ()):
         raise ValueError(f"no {fmt} model has vitlab's convolutional stem (conv_stem={cfg.conv_stem}); keep this "
                          f"model as vitlab .safetensors or export it to ONNX (a fixed image size)")
+    small_data = {"shifted_patches": getattr(cfg, "shifted_patches", False),
+                  "locality_attention": getattr(cfg, "locality_attention", False),
+                  "pool='seq'": getattr(cfg, "pool", "") == "seq",
+                  "layer_scale": bool(getattr(cfg, "layer_scale", 0.0)) and fmt != "timm"}  # timm: ls1/ls2.gamma
+    if used := [name for name, on in small_data.items() if on]:
+        raise ValueError(f"no {fmt} model has {', '.join(used)}; keep this model as vitlab .safetensors or export "
+                         f"it to ONNX" + (" (or timm, which holds layer_scale)" if used == ["layer_scale"] else ""))
     if fmt == "hf" and isinstance(cfg, HybridConfig):
         raise ValueError("vitlab writes Hugging Face folders for plain ViTs only; export the hybrid to official "
                          ".npz or timm")

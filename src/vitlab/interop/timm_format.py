@@ -152,6 +152,7 @@ def config_fields(tensors: dict[str, torch.Tensor], source: str, notes: list[str
         num_heads=num_heads, mlp_dim=mlp_dim, class_token=class_token,
         pool="map" if "attn_pool.latent" in tensors else "token" if class_token else "gap",
         qkv_bias="blocks.0.attn.qkv.bias" in tensors,
+        layer_scale=1e-5 if "blocks.0.ls1.gamma" in tensors else 0.0,  # only its initial value is not recorded
         representation_size=rep.shape[0] if rep is not None else None,
         num_classes=head.shape[0] if head is not None else 0,
         gelu="exact", layer_norm_eps=1e-6, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), posemb_mode="bicubic",

@@ -1,5 +1,5 @@
 """Small layers and checks shared by the model files: image checks, a zero head, stochastic depth,
-patch dropout."""
+layer scale, patch dropout."""
 from __future__ import annotations
 
 import torch
@@ -41,6 +41,17 @@ class DropPath(nn.Module):
             return x
         keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype)
         return x * keep.bernoulli_(1.0 - self.rate) / (1.0 - self.rate)
+
+
+class LayerScale(nn.Module):
+    """x * gamma, one learned scale per channel (CaiT, Touvron et al. 2021; timm's ``ls1``/``ls2``)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
 
 
 def drop_patches(x: torch.Tensor, rate: float, num_prefix_tokens: int) -> torch.Tensor:

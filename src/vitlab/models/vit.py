@@ -2,7 +2,9 @@
 
 Image -> P x P patches -> linear projection -> prepend [class] -> add learned position
 embeddings -> pre-norm Transformer encoder -> final LayerNorm -> pool -> head.
-big_vision's variants too: fixed sin-cos position embeddings, attention pooling (MAP).
+big_vision's variants too: fixed sin-cos position embeddings, attention pooling (MAP); and the
+small-data options: a conv stem, shifted patches and locality self-attention (SPT/LSA), sequence
+pooling (CCT), layer scale.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViTConfig, as_pair, replace_checked
-from .layers import DropPath, check_images, drop_patches, zero_head
+from .layers import DropPath, LayerScale, check_images, drop_patches, zero_head
 from .posemb import resample_posemb, sincos_posemb
 
 # The paper's Table 1, plus smaller widths for small images: width, depth, mlp_dim, heads.
@@ -38,7 +40,9 @@ class PatchEmbed(nn.Module):
     """Flatten P x P patches and project them linearly (a strided conv is the same map).
 
     With ``cfg.conv_stem`` 3x3 convolutions (BatchNorm, ReLU) cut the patches (stride 2 until
-    the grid is reached, then stride 1) and the projection is 1x1 (Xiao et al. 2021).
+    the grid is reached, then stride 1) and the projection is 1x1 (Xiao et al. 2021). With
+    ``cfg.shifted_patches`` (SPT, Lee et al. 2021) the image and its four diagonal shifts by P/2
+    are cut into patches of 5 C P^2 values, layer-normalised and projected by a Linear.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -51,16 +55,35 @@ class PatchEmbed(nn.Module):
                        nn.ReLU(inplace=True)]
             cin = channels
         self.stem = nn.Sequential(*layers)  # empty: the identity
-        k = 1 if cfg.conv_stem else p
-        self.proj = nn.Conv2d(cin, cfg.width, kernel_size=k, stride=k)
+        self.shifted = cfg.shifted_patches
+        if self.shifted:
+            self.norm = nn.LayerNorm(5 * cin * p * p, eps=cfg.layer_norm_eps)
+            self.proj = nn.Linear(5 * cin * p * p, cfg.width)
+        else:
+            k = 1 if cfg.conv_stem else p
+            self.proj = nn.Conv2d(cin, cfg.width, kernel_size=k, stride=k)
 
     def grid(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> token grid (B, D, H/P, W/P)."""
         check_images(x, self.in_channels, self.patch_size, f"patch size {self.patch_size}")
+        if self.shifted:
+            return self.shifted_grid(x)
         return self.proj(self.stem(x))
+
+    def shifted_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """SPT: (B, C, H, W) -> [x and x shifted by (+-P/2, +-P/2), zero-filled] (B, 5C, H, W) -> patches
+        (B, H/P, W/P, 5 C P^2) -> LayerNorm, Linear -> (B, D, H/P, W/P)."""
+        patches = F.pixel_unshuffle(shifted_views(x, self.patch_size // 2), self.patch_size)  # (B, 5 C P^2, h, w)
+        return self.proj(self.norm(patches.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.grid(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+def shifted_views(x: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 5C, H, W): ``x`` and ``x`` moved by s pixels right-down, left-down,
+    right-up and left-up, zero-filled (SPT's inputs)."""
+    return torch.cat([x, *(F.pad(x, (dx, -dx, dy, -dy)) for dx, dy in ((s, s), (-s, s), (s, -s), (-s, -s)))], dim=1)
 
 
 def stem_strides(cfg: ViTConfig) -> list[int]:
@@ -73,7 +96,8 @@ class Attention(nn.Module):
     """Multi-head self-attention: fused (PyTorch's SDPA), or an explicit softmax.
 
     ``fused=False`` runs the explicit path, whose weights pass through ``attn_drop`` (where
-    hooks see them) and are what :meth:`attention_weights` returns.
+    hooks see them) and are what :meth:`attention_weights` returns. ``locality_attention`` (LSA,
+    Lee et al. 2021): a learned temperature per head replaces 1/sqrt(d), and no token attends to itself.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -82,6 +106,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.width // cfg.num_heads
         self.scale = self.head_dim**-0.5
         self.fused = cfg.fused_attention
+        self.local = cfg.locality_attention
+        if self.local:  # (heads,), initialised to the usual scale
+            self.temperature = nn.Parameter(torch.full((cfg.num_heads,), self.scale))
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
         self.attn_drop = nn.Dropout(cfg.attention_dropout)
         self.proj = nn.Linear(cfg.width, cfg.width)
@@ -91,16 +118,29 @@ class Attention(nn.Module):
         b, n, d = x.shape
         return self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q k^T / sqrt(d), or LSA's q k^T * temperature with the diagonal at -inf: (B, heads, N, N)."""
+        if not self.local:
+            return (q * self.scale) @ k.transpose(-2, -1)
+        s = (q * self.temperature.view(-1, 1, 1)) @ k.transpose(-2, -1)
+        return s.masked_fill(torch.eye(s.shape[-1], dtype=torch.bool, device=s.device), float("-inf"))
+
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit path's softmax(q k^T / sqrt(d)): (B, N, D) -> (B, heads, N, N)."""
         q, k, _ = self.qkv_heads(x)
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.scores(q, k).softmax(dim=-1)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v, dropout on the weights: (B, heads, N, head_dim) -> the same."""
         if self.fused:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        return self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+            p = self.attn_drop.p if self.training else 0.0
+            if not self.local:
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            n = q.shape[-2]
+            off_diagonal = ~torch.eye(n, dtype=torch.bool, device=q.device)
+            return F.scaled_dot_product_attention(q * self.temperature.view(-1, 1, 1), k, v, attn_mask=off_diagonal,
+                                                  dropout_p=p, scale=1.0)
+        return self.attn_drop(self.scores(q, k).softmax(dim=-1)) @ v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -158,8 +198,21 @@ class MAPHead(nn.Module):
         return (y + self.mlp(self.norm(y)))[:, 0]
 
 
+class SeqPool(nn.Module):
+    """CCT's sequence pooling (Hassani et al. 2021): tokens weighted by softmax over a learned
+    linear score. (B, N, D) -> (B, D)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.score = nn.Linear(cfg.width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.score(x).softmax(dim=1).transpose(1, 2) @ x)[:, 0]  # (B, 1, N) @ (B, N, D)
+
+
 class Block(nn.Module):
-    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x)); with ``layer_scale`` each
+    branch is scaled per channel before the add."""
 
     def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
@@ -169,10 +222,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
         self.drop_path = DropPath(drop_path)
+        self.ls1 = LayerScale(cfg.width, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
+        self.ls2 = LayerScale(cfg.width, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.drop(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.drop(self.attn(self.norm1(x)))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 class VisionTransformer(nn.Module):
@@ -192,7 +247,7 @@ class VisionTransformer(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.attn_pool = MAPHead(cfg) if cfg.pool == "map" else None
+        self.attn_pool = MAPHead(cfg) if cfg.pool == "map" else SeqPool(cfg) if cfg.pool == "seq" else None
         self.pre_logits = self._make_pre_logits(cfg)
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = zero_head(cfg.representation_size or d, cfg.num_classes)
@@ -222,7 +277,7 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.normal_(self.pos_embed, std=0.02)
-        if self.attn_pool is not None:
+        if isinstance(self.attn_pool, MAPHead):
             self.attn_pool.init_weights()
         for block in self.blocks:
             qkv = block.attn.qkv.weight
@@ -235,6 +290,9 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(bias)
             nn.init.normal_(block.mlp.fc1.bias, std=1e-6)
             nn.init.normal_(block.mlp.fc2.bias, std=1e-6)
+            for ls in (block.ls1, block.ls2):
+                if isinstance(ls, LayerScale):
+                    nn.init.constant_(ls.gamma, self.cfg.layer_scale)
         if isinstance(self.pre_logits, nn.Sequential):
             lin = self.pre_logits[0]
             nn.init.trunc_normal_(lin.weight, std=math.sqrt(1 / lin.in_features) / 0.87962566)
@@ -288,10 +346,10 @@ class VisionTransformer(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, prefix + N, D) -> (B, D): the [class] token, the mean of the patch tokens, or their
-        attention pooling (``pool="map"``)."""
+        attention (``pool="map"``) or sequence (``pool="seq"``) pooling."""
         if self.cfg.pool == "token":
             return tokens[:, 0]
-        if self.cfg.pool == "map":
+        if self.attn_pool is not None:
             return self.attn_pool(tokens[:, self.cfg.num_prefix_tokens :])
         return tokens[:, self.cfg.num_prefix_tokens :].mean(dim=1)
 
@@ -337,4 +395,4 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms."""
-        return {"pos_embed", "cls_token"} | ({"attn_pool.latent"} if self.attn_pool is not None else set())
+        return {"pos_embed", "cls_token"} | ({"attn_pool.latent"} if isinstance(self.attn_pool, MAPHead) else set())
