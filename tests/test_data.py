@@ -270,6 +270,74 @@ def test_clear_errors_before_training(tmp_path):
         DataConfig(crop="random")
 
 
+# ---------------------------------------------------------------- classes and train_subset
+
+def test_classes_keep_and_relabel_every_split_in_the_order_given(tmp_path):
+    root = tmp_path / "c"
+    write_cifar10_binary(root, per_batch=10, n_test=20)  # 5 train and 2 test images per class
+    full = build_data(DataConfig(path=str(root)), log=lambda s: None)
+    messages = []
+    data = build_data(DataConfig(path=str(root), classes=(7, 2, 9)), log=messages.append)
+    assert data.class_names == ["horse", "bird", "truck"] and data.num_classes == 3
+    assert (len(data.train), len(data.test)) == (15, 6)
+    for split, whole in ((data.train, full.train), (data.test, full.test)):
+        original = torch.tensor([7, 2, 9])[split.labels]  # label i is class (7, 2, 9)[i]
+        kept = torch.isin(whole.labels, torch.tensor([7, 2, 9])).nonzero().flatten()
+        assert torch.equal(original, whole.labels[kept]) and torch.equal(split.images, whole.images[kept])
+    assert any("classes 7, 2, 9 of 10 (horse, bird, truck), relabelled 0-2" in m for m in messages)
+    folder = build_data(DataConfig(path=str(image_folder(tmp_path / "f", splits=("train", "val"))), classes=(1, 0)),
+                        log=lambda s: None)
+    assert folder.class_names == ["dog", "cat"] and folder.train.labels.tolist() == [1, 1, 1, 0, 0, 0]
+    assert folder.test is folder.val and all("/dog/" in p for p, y in folder.val.samples if y == 0)
+
+
+def test_train_subset_is_balanced_seeded_nested_and_leaves_test_alone(tmp_path):
+    root = tmp_path / "c"
+    write_cifar10_binary(root, per_batch=20, n_test=10)  # 10 train images per class
+    quiet = {"log": lambda s: None}
+
+    def subset(n, seed=0, **kw):
+        return build_data(DataConfig(path=str(root), train_subset=n, seed=seed, **kw), **quiet)
+
+    small, large = subset(20), subset(40)
+    assert small.train.labels.bincount().tolist() == [2] * 10 and len(large.train) == 40 and len(small.test) == 10
+    full = build_data(DataConfig(path=str(root)), **quiet)
+    rows = lambda d: {tuple(x.flatten()[:64].tolist()) for x in d.train.images}  # noqa: E731
+    assert rows(small) < rows(large) < rows(full)  # nested in the size, for one seed
+    assert torch.equal(subset(20).train.images, small.train.images)
+    assert rows(subset(20, seed=1)) != rows(small)
+    assert len(subset(100).train) == 100 and rows(subset(100)) == rows(full)
+    both = subset(15, classes=(5, 6, 7), val_split=0.2)  # classes first, then the subset, then val from it
+    assert both.class_names == ["dog", "frog", "horse"] and both.val.labels.bincount().tolist() == [1, 1, 1]
+    assert both.train.labels.bincount().tolist() == [4, 4, 4] and len(both.test) == 3
+
+
+def test_classes_and_train_subset_errors_name_the_value(tmp_path):
+    root = tmp_path / "c"
+    write_cifar10_binary(root, per_batch=10)
+    quiet = {"log": lambda s: None}
+    for kw, message in [(dict(classes=(1, 2, 1)), r"classes lists \[1\] more than once"),
+                        (dict(classes=(3,)), r"classes \(3,\) keeps one class"),
+                        (dict(classes=(-1, 2)), r"class indices >= 0, got \(-1, 2\)"),
+                        (dict(train_subset=-5), "train_subset must be a number of images >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            DataConfig(path=str(root), **kw)
+    for kw, message in [(dict(classes=(2, 10, 12)), r"classes \[10, 12\] out of range: .* 10 classes, indices 0-9"),
+                        (dict(train_subset=51), "train_subset 51 is larger than the training set \\(50 images\\)"),
+                        (dict(train_subset=26, classes=(0, 1, 2, 3, 4)),
+                         r"larger than the training set \(25 images of the kept classes\)"),
+                        (dict(train_subset=23), r"train_subset 23 does not divide evenly into the 10 classes; use a "
+                                                r"multiple of 10 \(e.g. 20 or 30\)")]:
+        with pytest.raises(ValueError, match=message):
+            build_data(DataConfig(path=str(root), **kw), **quiet)
+    uneven = tmp_path / "u"
+    for c, n in (("a", 4), ("b", 2)):
+        for i in range(n):
+            save(uneven / c / f"{i}.png", rgb((i, 0, 0), (8, 8)))
+    with pytest.raises(ValueError, match="needs 3 training images of each class, but class 'b' has 2; use at most 4"):
+        build_data(DataConfig(path=str(uneven), train_subset=6), **quiet)
+
+
 # ---------------------------------------------------------------- download
 
 class Server:

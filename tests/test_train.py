@@ -291,3 +291,25 @@ def test_resume_errors_are_clear(cifar, tmp_path):
     with pytest.raises(ValueError, match="cannot read training state"):
         resume(run, log=quiet)
     assert main(["train", "--resume", str(run)]) == 2  # the CLI: a one-line error
+
+
+def test_a_run_on_some_classes_is_evaluated_on_them_and_resumes_only_on_them(cifar, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(cifar), *TINY_ARGS, "--classes", "5", "6", "7", "8", "9", "--train-subset",
+                 "20", "--steps", "2", "--batch-size", "16", "--eval-every", "2", "--threads", "1", "--precision",
+                 "fp32", "--out", str(run)])
+    assert code == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["class_names"] == ["5", "6", "7", "8", "9"] and config["model"]["num_classes"] == 5
+    assert config["train"]["data"]["classes"] == [5, 6, 7, 8, 9] and config["train"]["data"]["train_subset"] == 20
+    assert config["steps_per_epoch"] == 1  # 20 of the 40 training images of classes 5-9, batch 16
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0  # the run's classes by default
+    assert json.loads(capsys.readouterr().out)["num_images"] == 10  # 2 test images of each kept class
+    model = str(run / "last.safetensors")
+    assert main(["eval", model, "--data", str(cifar)]) == 2  # all 10 classes: the error says what to pass
+    assert "trained on 5 of the data's 10 classes: pass --classes 5 6 7 8 9" in capsys.readouterr().err
+    assert main(["eval", model, "--data", str(cifar), "--classes", "5", "6", "7", "8", "9", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_names"] == ["5", "6", "7", "8", "9"]
+    with pytest.raises(ValueError, match=r"\['classes', 'train_subset'\] cannot change"):
+        resume(run, classes=(0, 1), train_subset=10)

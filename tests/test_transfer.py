@@ -207,3 +207,15 @@ def test_fewshot_more_shots_than_a_class_has(checkpoint, cifar, tmp_path, capsys
     assert code == 2
     assert "class 0 has 5 training examples, fewer than the 6 shots asked for" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # the error comes before any feature is extracted
+
+
+def test_fewshot_on_some_classes_of_the_data(checkpoint, cifar, tmp_path, capsys):
+    args = ["fewshot", "--from", str(checkpoint), "--data", str(cifar), "--shots", "1,2", "--seeds", "1",
+            "--cache-dir", str(tmp_path), "--json"]
+    assert main(args + ["--classes", "5", "6", "7"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == [5, 6, 7] and report["num_classes"] == 3 and report["num_test"] == 6
+    assert report["computed"] == {"train": 6, "test": 6}
+    assert main(args + ["--classes", "7", "6", "5"]) == 0  # another selection: its own cache entries
+    assert json.loads(capsys.readouterr().out)["computed"]["test"] == 6
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4

@@ -344,7 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result, split = evaluate_checkpoint(ref, data=args.data, split=args.split,
                                         batch_size=args.batch_size, device=args.device, precision=args.precision,
                                         progress=not args.json, flip_tta=args.flip_tta, runtime=args.runtime,
-                                        real_labels=args.real_labels, log=log)
+                                        real_labels=args.real_labels, classes=args.classes, log=log)
     target = Path(ref)
     folder = target if target.is_dir() else target.parent if target.exists() else Path(".")
     try:
@@ -427,7 +427,8 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     report = fewshot_checkpoint(
         args.checkpoint, args.data, shots=parse_list(args.shots, int, "--shots"), seeds=args.seeds,
         feature=args.feature, l2=args.l2, probe=args.probe, batch_size=args.batch_size,
-        device=resolve_device(args.device), cache_dir=args.cache_dir, progress=not args.json, log=log)
+        device=resolve_device(args.device), cache_dir=args.cache_dir, classes=tuple(args.classes or ()),
+        progress=not args.json, log=log)
     cached = ", ".join(f"{split} {'from the cache' if n == 0 else f'{n} computed'}"
                        for split, n in report.computed.items())
     log(f"features: {cached}")
@@ -628,6 +629,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--real-labels", metavar="REAL_JSON",
                    help="ImageNet-ReaL: the reassessed labels (google-research/reassessed-imagenet real.json, one "
                         "list per validation image in sorted file-name order); adds ReaL top-1")
+    p.add_argument("--classes", type=int, nargs="+", metavar="INT",
+                   help="only these class indices of the data, relabelled 0..k-1 in this order, e.g. 5 6 7 8 9 "
+                        "(default: a run's own --classes, else all)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -657,6 +661,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--probe", choices=["logistic"], help="also fit a logistic-regression probe on the same shots")
     p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
     p.add_argument("--device", default="auto")
+    p.add_argument("--classes", type=int, nargs="+", metavar="INT",
+                   help="only these class indices of the data, relabelled 0..k-1, e.g. 5 6 7 8 9 (default: all)")
     if wanted("fewshot"):
         from .fewshot import FEATURE_CACHE
         p.add_argument("--cache-dir", default=FEATURE_CACHE, help=f"extracted features are kept here ({FEATURE_CACHE})")

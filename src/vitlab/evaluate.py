@@ -171,7 +171,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = None, split: str | None = None,
                         batch_size: int = 256, device: str = "auto", precision: str = "fp32",
                         progress: bool = False, flip_tta: bool = False, runtime: str | None = None,
-                        real_labels: str | os.PathLike | None = None,
+                        real_labels: str | os.PathLike | None = None, classes: tuple[int, ...] | None = None,
                         log: Callable[[str], None] = print) -> tuple[EvalResult, str]:
     """Evaluate a model file or run directory on a split of ``data``; returns (result, split used).
 
@@ -180,7 +180,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
     (the default when there is one), ``val`` or ``train``. An exported model (``.onnx``, ``.xml``)
     runs on its runtime (``runtime`` forces one; see ``vitlab.deploy``). ``real_labels``: a ReaL
     ``real.json`` for the split's images (an image folder), read and checked before the model runs;
-    its top-1 goes into ``result.real``.
+    its top-1 goes into ``result.real``. ``classes``: evaluate on these classes of the data only,
+    relabelled 0..k-1 in that order (as `DataConfig.classes`; a run directory's own by default).
     """
     named = isinstance(checkpoint, str) and not Path(checkpoint).exists() and is_pretrained_name(checkpoint)
     if not named and not Path(checkpoint).exists():
@@ -192,7 +193,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, data: str | None = Non
     dev = resolve_device(device)
     loaded = load_model(checkpoint, map_location=dev, runtime=runtime, precision=precision)
     loader, split, class_names = split_loader(loaded, data, split, base=run_cfg.data_config() if run_cfg else None,
-                                              batch_size=batch_size, log=log)
+                                              classes=classes, batch_size=batch_size, log=log)
     labels = None
     if real_labels is not None:
         if not isinstance(loader.dataset, ImageFolderDataset):
@@ -220,19 +221,27 @@ def same_classes(loaded: LoadedModel, names: list[str]) -> bool:
 
 
 def split_loader(loaded: LoadedModel, data: str | None, split: str | None = None, *, base: DataConfig | None = None,
-                 batch_size: int = 256, log: Callable[[str], None] = print) -> tuple[Loader, str, list[str]]:
+                 classes: tuple[int, ...] | None = None, batch_size: int = 256,
+                 log: Callable[[str], None] = print) -> tuple[Loader, str, list[str]]:
     """An evaluation loader over ``split`` of ``data`` (default: test, else val) preprocessed for
-    ``loaded`` (its size, mean and std; ``base``: a run's data settings); returns it, the split and
-    the data's class names, checked against the model's."""
+    ``loaded`` (its size, mean and std; ``base``: a run's data settings; ``classes``: only these of
+    the data's classes, replacing ``base``'s); returns it, the split and the data's class names,
+    checked against the model's."""
     mcfg = loaded.config
     size = as_pair(mcfg.image_size)
     base = base or DataConfig()
+    chosen = {} if classes is None else {"classes": tuple(classes)}
     data_cfg = dataclasses.replace(base, path=data or base.path, image_size=size[0],
-                                   mean=tuple(mcfg.mean), std=tuple(mcfg.std))
+                                   mean=tuple(mcfg.mean), std=tuple(mcfg.std), **chosen)
     splits = build_data(data_cfg, log=log)
     if not same_classes(loaded, splits.class_names):
+        names = splits.class_names
+        fix = "evaluate on the data the model was trained for"
+        if not data_cfg.classes and set(loaded.class_names) < set(names):  # trained on some of these classes
+            fix = (f"the model was trained on {len(loaded.class_names)} of the data's {len(names)} classes: pass "
+                   f"--classes {' '.join(str(names.index(n)) for n in loaded.class_names)}")
         raise ValueError(f"the checkpoint's classes {loaded.class_names[:5]}... differ from the data's "
-                         f"{splits.class_names[:5]}...; evaluate on the data the model was trained for")
+                         f"{names[:5]}...; {fix}")
     available = {name: ds for name, ds in (("test", splits.test), ("val", splits.val), ("train", splits.train))
                  if ds is not None}
     if split is None and "train" == next(iter(available)):

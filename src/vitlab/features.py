@@ -77,6 +77,9 @@ def cache_key(checkpoint: str | os.PathLike, data_cfg: DataConfig, split: str, f
         "image_size": data_cfg.image_size, "mean": list(data_cfg.mean), "std": list(data_cfg.std),
         "feature": feature, "num_examples": len(labels),
         "labels_sha256": hashlib.sha256(labels.to(torch.int64).numpy().tobytes()).hexdigest(),
+        # the selection, only when there is one (so caches written before these fields stay valid)
+        **({"classes": list(data_cfg.classes)} if data_cfg.classes else {}),
+        **({"train_subset": data_cfg.train_subset, "seed": data_cfg.seed} if data_cfg.train_subset else {}),
     }
 
 

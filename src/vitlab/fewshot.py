@@ -162,6 +162,7 @@ class FewShotReport:
     ridge: list[FewShotResult]
     logistic: list[FewShotResult] | None
     computed: dict[str, int]  # features computed per split; 0: all read from the cache
+    classes: tuple[int, ...] = ()  # the data's classes evaluated (relabelled 0..k-1); (): all
 
     def to_dict(self) -> dict:
         """JSON-ready: the setting, and per k the mean, std and per-seed accuracies."""
@@ -197,12 +198,14 @@ def fewshot_checkpoint(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     cache_dir: str = FEATURE_CACHE,
+    classes: tuple[int, ...] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> FewShotReport:
     """Few-shot evaluation of a model file or run directory on ``data``: k-shot sets drawn from
     its train split, accuracy on its test split (else val). ``probe="logistic"`` adds the
-    logistic probe. Only the training images some seed draws go through the model; features
+    logistic probe. ``classes``: only these classes of ``data``, relabelled 0..k-1 (as
+    `DataConfig.classes`). Only the training images some seed draws go through the model; features
     are cached under ``cache_dir``."""
     from .config import as_pair
     from .data import DataConfig, build_data
@@ -221,7 +224,8 @@ def fewshot_checkpoint(
     h, w = as_pair(model.cfg.image_size)
     if h != w:
         raise ValueError(f"few-shot evaluation uses square images; the model takes {h}x{w}")
-    data_cfg = DataConfig(path=data, image_size=h, mean=tuple(model.cfg.mean), std=tuple(model.cfg.std))
+    data_cfg = DataConfig(path=data, image_size=h, mean=tuple(model.cfg.mean), std=tuple(model.cfg.std),
+                          classes=tuple(classes))
     splits = build_data(data_cfg, log=log)
     eval_split, test = ("test", splits.test) if splits.test is not None else ("val", splits.val)
     if test is None:
@@ -249,4 +253,5 @@ def fewshot_checkpoint(
     common = dict(shots=shots, seeds=seeds, l2=l2, num_classes=k)
     ridge = fewshot_eval(train_x, train_y, test_x, test_y, **common)
     logistic = fewshot_eval(train_x, train_y, test_x, test_y, probe="logistic", **common) if probe else None
-    return FewShotReport(str(file), data, feature, l2, seeds, eval_split, k, len(test_y), ridge, logistic, computed)
+    return FewShotReport(str(file), data, feature, l2, seeds, eval_split, k, len(test_y), ridge, logistic, computed,
+                         tuple(classes))

@@ -118,7 +118,8 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, lrs: list[float] | tuple[
     if final.eval and final.eval["eval_split"] == "test":
         top1, top5, split = final.eval["eval_top1"], final.eval["eval_top5"], "test"
     else:  # the loop evaluated on a val folder: measure the test split now
-        result, split = evaluate_checkpoint(final.run_dir / LAST_FILE, data=cfg.data.path, log=log)
+        result, split = evaluate_checkpoint(final.run_dir / LAST_FILE, data=cfg.data.path,
+                                            classes=cfg.data.classes or None, log=log)
         top1, top5 = result.top1, result.top5
     result = FinetuneResult(out, sweep, best, top1, top5, split, final.run_dir, time.perf_counter() - start)
     write_json(out / SUMMARY_FILE, {

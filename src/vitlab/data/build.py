@@ -9,7 +9,8 @@ from torch.utils.data import Dataset
 
 from .cifar import FOLDERS, detect_layout, read_cifar
 from .config import DataConfig
-from .datasets import CLASS_LIST, FolderScan, folder_dataset, read_class_list, scan_class_folders, stratified_split
+from .datasets import (CLASS_LIST, FolderScan, balanced_subset, folder_dataset, keep_classes, read_class_list,
+                       scan_class_folders, stratified_split)
 from .download import CIFAR_ARCHIVES, Archive, ensure_archive
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -59,6 +60,16 @@ def build_data(cfg: DataConfig, *, archives: Mapping[str, Archive] = CIFAR_ARCHI
         val = None
     else:
         train, val, test, names, source = _folder_splits(root, log)
+    if cfg.classes:
+        train, val, test, names = _keep_classes(cfg.classes, train, val, test, names, source, log)
+    if cfg.train_subset:
+        if cfg.train_subset > len(train):
+            raise ValueError(f"train_subset {cfg.train_subset} is larger than the training set ({len(train)} images"
+                             f"{' of the kept classes' if cfg.classes else ''}); use at most {len(train)} (0: all)")
+        full = len(train)
+        train = train.subset(balanced_subset(train.labels, cfg.train_subset, cfg.seed, names))
+        log(f"train_subset {cfg.train_subset}: {cfg.train_subset // len(names)} images of each class, "
+            f"{len(train)} of {full} (seed {cfg.seed})")
     if cfg.val_split > 0:
         train_idx, val_idx = stratified_split(train.labels, cfg.val_split, cfg.seed, names)
         if val is not None and test is val:
@@ -70,6 +81,21 @@ def build_data(cfg: DataConfig, *, archives: Mapping[str, Archive] = CIFAR_ARCHI
     sizes = ", ".join(f"{k} {len(v)}" for k, v in splits if v is not None)
     log(f"data: {source}: {len(names)} classes, {sizes}")
     return Data(train, val, test, names, source)
+
+
+def _keep_classes(classes: tuple[int, ...], train, val, test, names: list[str], source: str,
+                  log: Callable[[str], None]):
+    """The splits restricted to ``classes`` (indices of ``names``), relabelled 0..k-1 in that order."""
+    bad = [c for c in classes if c >= len(names)]
+    if bad:
+        raise ValueError(f"classes {bad} out of range: {source} has {len(names)} classes, indices 0-{len(names) - 1} "
+                         f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+    kept = [keep_classes(ds, classes) if ds is not None else None for ds in (train, val)]
+    test = kept[1] if test is val and test is not None else keep_classes(test, classes) if test is not None else None
+    kept_names = [names[c] for c in classes]
+    log(f"classes {', '.join(map(str, classes))} of {len(names)} ({', '.join(kept_names)}), relabelled "
+        f"0-{len(classes) - 1}")
+    return kept[0], kept[1], test, kept_names
 
 
 def _folder_splits(root: Path, log: Callable[[str], None]):

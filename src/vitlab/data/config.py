@@ -15,6 +15,8 @@ class DataConfig:
     path: str = "cifar10"  # a CIFAR dir (binary or python layout), an image folder, or "cifar10"/"cifar100"
     image_size: int = 32  # model input resolution
     val_split: float = 0.0  # fraction of train held out as val (stratified, seeded); 0: the folder's own
+    classes: tuple[int, ...] = ()  # keep these class indices (every split), relabelled 0..k-1 in this order; none: all
+    train_subset: int = 0  # keep a class-balanced seeded random subset of N training images (nested in N); 0: all
     seed: int = 0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # (0.5, 0.5) maps [0, 1] to [-1, 1]
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -45,6 +47,14 @@ class DataConfig:
              "randaugment_n must be >= 0 and randaugment_m in [0, 30]"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0 disables)"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
+            (all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.classes),
+             f"classes must be class indices >= 0, got {self.classes}"),
+            (len(set(self.classes)) == len(self.classes),
+             f"classes lists {sorted({c for c in self.classes if self.classes.count(c) > 1})} more than once"),
+            (len(self.classes) != 1, f"classes {self.classes} keeps one class; a classifier needs at least two "
+                                     f"(or none: all)"),
+            (isinstance(self.train_subset, int) and self.train_subset >= 0,
+             f"train_subset must be a number of images >= 0 (0: all), got {self.train_subset}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -164,3 +164,36 @@ def stratified_split(labels: Tensor, fraction: float, seed: int,
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def keep_classes(dataset: ArrayDataset | ImageFolderDataset, classes: tuple[int, ...]) -> ArrayDataset | ImageFolderDataset:
+    """The samples of ``classes`` (indices into ``dataset.class_names``), relabelled 0..k-1 in that order."""
+    mapping = torch.full((len(dataset.class_names),), -1, dtype=torch.int64)
+    mapping[list(classes)] = torch.arange(len(classes))
+    indices = (mapping[dataset.labels] >= 0).nonzero().flatten()
+    labels = mapping[dataset.labels[indices]]
+    names = [dataset.class_names[c] for c in classes]
+    if isinstance(dataset, ArrayDataset):
+        return ArrayDataset(dataset.images[indices], labels, names)
+    return ImageFolderDataset([(dataset.samples[i][0], int(y)) for i, y in zip(indices.tolist(), labels.tolist())],
+                              names)
+
+
+def balanced_subset(labels: Tensor, size: int, seed: int, class_names: list[str]) -> Tensor:
+    """Sorted indices of ``size // len(class_names)`` seeded random examples of each class. For one seed
+    the subsets are nested: a larger ``size`` keeps every example a smaller one keeps."""
+    k = len(class_names)
+    if size % k:
+        lower = size // k * k
+        raise ValueError(f"train_subset {size} does not divide evenly into the {k} classes; use a multiple of {k} "
+                         f"(e.g. {lower or k} or {lower + k})")
+    per_class = size // k
+    counts = torch.bincount(labels, minlength=k)[:k].tolist()
+    fewest = min(range(k), key=counts.__getitem__)
+    if counts[fewest] < per_class:
+        raise ValueError(f"train_subset {size} needs {per_class} training images of each class, but class "
+                         f"{class_names[fewest]!r} has {counts[fewest]}; use at most {counts[fewest] * k}")
+    g = torch.Generator().manual_seed(seed)
+    kept = [(labels == c).nonzero().flatten() for c in range(k)]
+    kept = [idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in kept]
+    return torch.cat(kept).sort().values
