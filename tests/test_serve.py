@@ -337,6 +337,28 @@ def test_batcher_groups_by_key_up_to_max_batch():
     assert all(len({k}) == 1 for k, _ in calls)
 
 
+def test_the_window_waits_only_for_requests_on_their_way():
+    calls = []
+
+    def run(key, items):
+        calls.append(list(items))
+        return items
+
+    async def main(b):
+        t = time.perf_counter()
+        assert await b.submit("k", "alone", timeout=5) == "alone"  # nothing on its way: no 2 s window
+        alone = time.perf_counter() - t
+        with b.coming():  # a second request is being decoded ...
+            first = asyncio.ensure_future(b.submit("k", "first", timeout=5))
+            await asyncio.sleep(0.2)  # ... the first one's window waits for it
+        second = await b.submit("k", "second", timeout=5)
+        return alone, await first, second
+
+    alone, first, second = run_batcher(main, run, max_batch=4, window_s=2.0)
+    assert alone < 1.0 and (first, second) == ("first", "second")
+    assert calls == [["alone"], ["first", "second"]]
+
+
 def test_batcher_refuses_when_full_skips_timed_out_jobs_and_survives_errors():
     ran, release = [], threading.Event()
 

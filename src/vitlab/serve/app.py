@@ -125,13 +125,14 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig = ServeConfig(), *, name: s
 
     async def infer(key: tuple, file: UploadFile) -> tuple[Any, dict[str, Any]]:
         """Decode ``file`` off the event loop, then wait for its batch: (model input, result)."""
-        data = await file.read()
-        try:
-            image = await run_in_threadpool(served.decode, data, file.filename or "upload")
-        except NotAnImage as err:
-            raise HTTPException(415, str(err)) from None
-        except ValueError as err:
-            raise HTTPException(422, str(err)) from None
+        with batcher.coming():  # a batch's window waits for this request while it is decoded
+            data = await file.read()
+            try:
+                image = await run_in_threadpool(served.decode, data, file.filename or "upload")
+            except NotAnImage as err:
+                raise HTTPException(415, str(err)) from None
+            except ValueError as err:
+                raise HTTPException(422, str(err)) from None
         try:
             return image, await batcher.submit(key, image, cfg.timeout_s)
         except QueueFull as err:

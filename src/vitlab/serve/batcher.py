@@ -1,7 +1,9 @@
 """Dynamic batching: concurrent requests wait a short window and run as one batch on one worker thread.
 
 Requests carry a key (what to compute, with which options); a batch holds requests of one key, up
-to ``max_batch``, collected for at most ``window_s`` after its first request arrived. The model runs
+to ``max_batch``, collected for at most ``window_s`` after its first request arrived, and only while
+other requests are on their way (``with batcher.coming():`` around reading and decoding one): a lone
+request runs at once instead of waiting the window out. The model runs
 on a single thread, so a batch never overlaps another (attention capture hooks see one forward).
 A full queue refuses at once (``QueueFull``: 503); a request not answered in time gets
 ``TimeoutError`` (504) and is dropped from the queue.
@@ -9,6 +11,7 @@ A full queue refuses at once (``QueueFull``: 503); a request not answered in tim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -38,6 +41,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitlab-model")
         self._task: asyncio.Task | None = None
+        self.arriving = 0  # requests inside `coming()`: being read or decoded, soon submitted
         self.batches = 0  # batches run so far
         self.items = 0  # items in them
 
@@ -62,6 +66,17 @@ class Batcher:
             queue.clear()
         self._executor.shutdown(wait=True)
 
+    @contextlib.contextmanager
+    def coming(self):
+        """Around the work before ``submit`` (reading, decoding): a batch's window waits only while
+        such requests exist. Leave it just before ``submit``, with no ``await`` in between."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
+            self._arrived.set()  # a window waiting for this request re-checks
+
     async def submit(self, key: Hashable, item: Any, timeout: float) -> Any:
         """Queue ``item`` under ``key`` and wait for its result; QueueFull or TimeoutError."""
         if self.pending >= self.max_queue:
@@ -79,7 +94,7 @@ class Batcher:
                 await self._arrived.wait()
             key, queue = min(((k, q) for k, q in self._queues.items() if q), key=lambda kq: kq[1][0].arrived)
             deadline = queue[0].arrived + self.window_s  # an old first request (the worker was busy) goes now
-            while len(queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            while len(queue) < self.max_batch and self.arriving and (left := deadline - time.monotonic()) > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)

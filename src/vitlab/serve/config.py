@@ -13,7 +13,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # the address to bind (0.0.0.0: every interface)
     port: int = 8000  # the TCP port
     max_batch: int = 16  # most images in one forward pass (1: no dynamic batching)
-    batch_window_ms: float = 5.0  # how long a batch's first request waits for others to join it
+    batch_window_ms: float = 5.0  # how long a batch's first request waits for others being decoded to join it
     max_queue: int = 64  # requests waiting for the model; one more is answered 503 with Retry-After
     timeout_s: float = 30.0  # a request not answered in this time gets 504
     max_upload_mb: float = 10.0  # a larger upload gets 413
