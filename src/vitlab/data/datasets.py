@@ -166,7 +166,10 @@ def stratified_split(labels: Tensor, fraction: float, seed: int,
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
-def keep_classes(dataset: ArrayDataset | ImageFolderDataset, classes: tuple[int, ...]) -> ArrayDataset | ImageFolderDataset:
+Labelled = ArrayDataset | ImageFolderDataset  # the datasets with labels and class names
+
+
+def keep_classes(dataset: Labelled, classes: tuple[int, ...]) -> Labelled:
     """The samples of ``classes`` (indices into ``dataset.class_names``), relabelled 0..k-1 in that order."""
     mapping = torch.full((len(dataset.class_names),), -1, dtype=torch.int64)
     mapping[list(classes)] = torch.arange(len(classes))
