@@ -313,3 +313,40 @@ def test_a_run_on_some_classes_is_evaluated_on_them_and_resumes_only_on_them(cif
     assert json.loads(capsys.readouterr().out)["class_names"] == ["5", "6", "7", "8", "9"]
     with pytest.raises(ValueError, match=r"\['classes', 'train_subset'\] cannot change"):
         resume(run, classes=(0, 1), train_subset=10)
+
+
+# --- distillation ------------------------------------------------------------------------
+def test_a_teacher_labels_the_batches_and_the_student_learns_its_answers(tmp_path):
+    data = write_cifar(tmp_path / "cifar-10-batches-bin")
+    names = vitlab.data.build_data(DataConfig(path=str(data)), log=lambda m: None).class_names
+    teacher = vitlab.create_model("vit_mu4_32px", num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **TINY)
+    with torch.no_grad():
+        teacher.head.bias[3] = 10.0  # answers class 3 for every image, whatever the label
+    vitlab.save_model(teacher, tmp_path / "teacher.safetensors", class_names=names)
+    cfg = tiny_cfg(data, teacher=str(tmp_path / "teacher.safetensors"), distill_weight=1.0, steps=30,
+                   eval_every=30, checkpoint_every=30, optim=vitlab.optim.OptimConfig(lr=3e-3))
+    lines = []
+    train(cfg, tmp_path / "run", log=lines.append)
+    assert any("distilled from" in line for line in lines)
+    student = vitlab.load_model(tmp_path / "run" / "last.safetensors").model
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert (student(x).argmax(-1) == 3).all()  # the teacher's answer, not the labels
+    with pytest.raises(ValueError, match="train the teacher on the same data"):
+        wrong = vitlab.create_model("vit_mu4_32px", num_classes=3, **TINY)
+        vitlab.save_model(wrong, tmp_path / "wrong.safetensors", class_names=["a", "b", "c"])
+        train(tiny_cfg(data, teacher=str(tmp_path / "wrong.safetensors")), tmp_path / "run2", log=lambda m: None)
+    with pytest.raises(ValueError, match="distill_weight must be in"):
+        tiny_cfg(data, distill_weight=0.0)
+
+
+def test_the_teacher_sees_the_students_images_in_its_own_normalisation(tmp_path):
+    from vitlab.train import Teacher
+    model = vitlab.create_model("vit_mu4_32px", num_classes=2, mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7), **TINY)
+    vitlab.save_model(model, tmp_path / "t.safetensors", class_names=["a", "b"])
+    teacher = Teacher(str(tmp_path / "t.safetensors"), ["a", "b"], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                      torch.device("cpu"))
+    pixels = torch.rand(2, 3, 32, 32)
+    student_x = (pixels - 0.5) / 0.25
+    expected = (pixels - torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1)
+    assert torch.allclose(student_x * teacher.scale + teacher.shift, expected, atol=1e-5)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .accel import accelerate
 from .budget import Pacer, measure_speed, resolve_length, size_schedule
-from .checkpoint import load_state, save_model, write_json
+from .checkpoint import load_model, load_state, save_model, write_json
 from .config import to_dict
 from .data import Loader, build_data
 from .data.build import resolve_path
@@ -56,11 +56,13 @@ def every(step: int, n: int) -> bool:
 
 
 def forward_backward(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor] | None],
-                     cfg: TrainConfig, device: torch.device, image_size: int | None = None) -> torch.Tensor | None:
+                     cfg: TrainConfig, device: torch.device, image_size: int | None = None,
+                     teacher: Teacher | None = None) -> torch.Tensor | None:
     """Run ``cfg.accum_steps`` micro-batches, accumulating gradients; returns the step's mean loss.
 
     ``image_size`` below the batches' own size downscales them first (progressive resizing). A
-    micro-batch with no readable image (None) adds nothing; None if the whole step had none.
+    micro-batch with no readable image (None) adds nothing; None if the whole step had none. With
+    a ``teacher`` its top-1 on the full-size batch is a second target (``cfg.distill_weight``).
     """
     total = torch.zeros((), device=device)
     used = 0
@@ -72,14 +74,44 @@ def forward_backward(model: nn.Module, batches: Iterator[tuple[torch.Tensor, tor
         x, y = batch
         used += 1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        full = x
         if image_size and image_size != x.shape[-1]:
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)  # (B, C, s, s)
         with autocast(device, cfg.precision):
             logits = model(x)  # (B, classes)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing) / cfg.accum_steps
+            taught = teacher.top1(full) if teacher is not None else None  # (B,)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if taught is not None:
+            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.cross_entropy(logits.float(), taught)
+        loss = loss / cfg.accum_steps
         loss.backward()
         total += loss.detach()
     return total if used else None
+
+
+class Teacher:
+    """A trained model whose top-1 labels the training batches (distillation), on the student's inputs
+    re-normalised to the teacher's mean and std."""
+
+    def __init__(self, path: str, class_names: list[str], mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device):
+        loaded = load_model(path, map_location=device)
+        if loaded.class_names != class_names:
+            raise ValueError(f"the teacher {path} predicts {len(loaded.class_names or [])} classes "
+                             f"({', '.join((loaded.class_names or [])[:4])}, ...) but the data has {len(class_names)} "
+                             f"({', '.join(class_names[:4])}, ...); train the teacher on the same data")
+        self.model = loaded.model.requires_grad_(False)
+        cfg = loaded.config
+        shape = (1, -1, 1, 1)
+        t_mean, t_std = torch.tensor(cfg.mean, device=device), torch.tensor(cfg.std, device=device)
+        # x_teacher = (x * std + mean - t_mean) / t_std = x * scale + shift
+        self.scale = (torch.tensor(std, device=device) / t_std).view(shape)
+        self.shift = ((torch.tensor(mean, device=device) - t_mean) / t_std).view(shape)
+
+    @torch.no_grad()
+    def top1(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, C, H, W) -> the teacher's top-1 class (B,)."""
+        return self.model(x * self.scale + self.shift).argmax(dim=-1)
 
 
 @dataclass
@@ -150,7 +182,8 @@ def build_state(cfg: TrainConfig, num_classes: int, env: DistEnv) -> TrainState:
 
 
 def start_or_resume(cfg: TrainConfig, run: Path, state: TrainState, data: TrainData, env: DistEnv, *, resume: bool,
-                    started: float, log: Callable[[str], None]) -> tuple[TrainConfig, Pacer | None]:
+                    started: float, log: Callable[[str], None],
+                    teacher: Teacher | None = None) -> tuple[TrainConfig, Pacer | None]:
     """Resume ``state`` from the run's checkpoint, or fix a new run's length and write its config.json;
     returns the config in steps and, for a time budget, the `Pacer` that keeps it on time."""
     if resume:
@@ -163,7 +196,7 @@ def start_or_resume(cfg: TrainConfig, run: Path, state: TrainState, data: TrainD
         state.pace = state.pace or Pace(cfg.steps, cfg.steps)  # a resumed run keeps its last plan
         return cfg, None
     budget_s = 0.05 * parse_duration(cfg.time_budget or "1s")  # probing: <= ~5% of a budget
-    step = lambda model, batches, size: forward_backward(model, batches, cfg, env.device, size)  # noqa: E731
+    step = lambda model, batches, size: forward_backward(model, batches, cfg, env.device, size, teacher)  # noqa: E731
     cfg, sizing = resolve_length(cfg, data.steps_per_epoch, lambda: measure_speed(
         state.model, cfg, data.loader, data.eval_loader, env.device, step, max_seconds=budget_s),
         started=started, log=log)
@@ -195,11 +228,12 @@ def describe(cfg: TrainConfig, state: TrainState, data: TrainData, env: DistEnv,
     spread = (f", {'FSDP2-sharded' if cfg.shard else 'DDP'}" if env.world_size > 1 else "") + (
         ", activation checkpointing" if cfg.activation_checkpointing else "")
     alias = f", the {preset} preset" if preset != cfg.model else ""
+    taught = f"distilled from {cfg.teacher} (weight {cfg.distill_weight:g}); " if cfg.teacher else ""
     return (f"{cfg.model}: {params / 1e6:.2f}M parameters{frozen}{alias} on {env.device} ({cfg.precision}{spread}); "
             f"{total} steps ({total / data.steps_per_epoch:.2f} epochs) of {cfg.batch_size} images (global batch = "
             f"{micro} per process x {env.world_size} processes x {cfg.accum_steps} accumulation steps); peak lr "
             f"{cfg.optim.peak_lr(cfg.batch_size):.3g}{scaled}, {cfg.optim.warmup(total)} warm-up steps, "
-            f"{cfg.optim.schedule} decay; {resizing}evaluating on {data.eval_split if data.eval_loader else 'nothing'}"
+            f"{cfg.optim.schedule} decay; {resizing}{taught}evaluating on {data.eval_split if data.eval_loader else 'nothing'}"
             f" every {cfg.eval_every} steps; run directory {run}")
 
 
@@ -224,7 +258,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             torch.set_num_threads(cfg.threads)
         cfg, data = load_data(cfg, env, log=log)
         state = build_state(cfg, len(data.class_names), env)
-        cfg, pacer = start_or_resume(cfg, run, state, data, env, resume=resume, started=started, log=log)
+        teacher = Teacher(cfg.teacher, data.class_names, cfg.data.mean, cfg.data.std, env.device) if cfg.teacher \
+            else None
+        cfg, pacer = start_or_resume(cfg, run, state, data, env, resume=resume, started=started, log=log,
+                                     teacher=teacher)
         log(describe(cfg, state, data, env, run))
         loop = Loop(cfg, run, state, data, env, log)
         try:
@@ -241,7 +278,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                     batches = loop.batches(state.step)
                     state.model.train()
                     try:
-                        loss = forward_backward(state.model, batches, cfg, env.device, image_size)
+                        loss = forward_backward(state.model, batches, cfg, env.device, image_size, teacher)
                     except StopIteration:
                         raise ValueError(f"epoch {state.step // data.steps_per_epoch} ended early: whole batches "
                                          f"of unreadable images were skipped; remove the files reported above") from None

@@ -45,6 +45,10 @@ class TrainConfig:
     resize_until: float = 0.75  # progressive resizing: the model's size is reached at this fraction of the steps
     precision: Precision = "bf16"  # bf16 autocast (CPU and CUDA) or plain fp32
     ema_decay: float = 0.0  # weight EMA per step; 0 disables (when on, the EMA is evaluated and saved)
+    # Distillation (DeiT's hard form, through the one head; Touvron et al. 2021): a trained model (file or
+    # run) labels each training batch, and the loss is (1 - w) CE(labels) + w CE(teacher's top-1).
+    teacher: str = ""  # the teacher's model file or run directory; "": no distillation
+    distill_weight: float = 0.5  # w, the teacher's share of the loss
     eval_every: int = 0  # steps between evaluations; 0: once per epoch (always at the end)
     checkpoint_every: int = 0  # steps between checkpoints; 0: with each evaluation (always at the end)
     eval_batch_size: int = 256
@@ -69,6 +73,7 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.precision in ("bf16", "fp32"), "precision must be bf16 or fp32"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0 disables)"),
+            (0 < self.distill_weight <= 1, "distill_weight must be in (0, 1]"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
             (self.eval_batch_size >= 1 and self.threads >= 0 and self.seed >= 0,
              "eval_batch_size >= 1, threads >= 0 and seed >= 0"),
