@@ -258,6 +258,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             torch.set_num_threads(cfg.threads)
         cfg, data = load_data(cfg, env, log=log)
         state = build_state(cfg, len(data.class_names), env)
+        if cfg.teacher and Path(cfg.teacher).exists():  # config.json records where it was
+            cfg = dataclasses.replace(cfg, teacher=str(Path(cfg.teacher).resolve()))
         teacher = Teacher(cfg.teacher, data.class_names, cfg.data.mean, cfg.data.std, env.device) if cfg.teacher \
             else None
         cfg, pacer = start_or_resume(cfg, run, state, data, env, resume=resume, started=started, log=log,

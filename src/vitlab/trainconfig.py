@@ -21,7 +21,7 @@ Precision = Literal["bf16", "fp32"]
 DERIVED_DATA_FIELDS = ("image_size", "mean", "std", "seed")
 # What ``--resume`` may change: where things are, never what is computed.
 RESUME_FIELDS = ("path", "device", "threads", "num_workers", "cache_dir", "shard", "activation_checkpointing",
-                 "init_from", "allow_data_change")
+                 "init_from", "teacher", "allow_data_change")
 
 
 @dataclass(frozen=True, kw_only=True)
