@@ -429,6 +429,24 @@ def recover(x):
     return ((x[:, 0, 0, 0] * 0.5 + 0.5) * 255).round().long().tolist()
 
 
+def test_repeated_augmentation_puts_each_drawn_image_r_times_in_one_batch_augmented_apart():
+    g = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8, generator=g),
+                        torch.arange(30) % 10, NAMES10)
+    loader = Loader(data, DataConfig(repeated_aug=3, seed=1), batch_size=6, train=True, num_classes=10)
+    order = loader.indices(0)
+    assert len(order) == 30 and len(set(order.tolist())) == 10  # a third of the images, 3 times each
+    assert all(len(set(order[i:i + 3].tolist())) == 1 for i in range(0, 30, 3))  # side by side
+    assert not torch.equal(loader.indices(0), loader.indices(1))
+    x, _ = next(iter(loader.epoch(0)))
+    assert not torch.equal(x[0], x[1])  # the copies get their own crop and flip
+    two = [Loader(data, DataConfig(repeated_aug=3, seed=1), batch_size=3, train=True, num_classes=10, rank=r,
+                  world_size=2).indices(0) for r in (0, 1)]
+    assert torch.equal(two[0][:5], order[0:10:2]) and torch.equal(two[1][:5], order[1:10:2])  # DeiT's ranks
+    with pytest.raises(ValueError, match="repeated_aug must be a repeat count >= 1"):
+        DataConfig(repeated_aug=0)
+
+
 def test_resume_mid_epoch_is_bitwise_identical_in_memory():
     g = torch.Generator().manual_seed(0)
     data = ArrayDataset(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g),

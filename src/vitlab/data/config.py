@@ -26,6 +26,8 @@ class DataConfig:
     hflip: bool = True
     randaugment_n: int = 0  # RandAugment(N, M); N = 0 disables
     randaugment_m: int = 9
+    repeated_aug: int = 1  # repeated augmentation (Hoffer et al. 2020; DeiT's RASampler, 3): each epoch draws
+    # 1/r of the images, each r times in one global batch with its own augmentation; 1: off
     mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
     cutmix: float = 0.0
     num_workers: int = 0  # worker processes for streamed folders
@@ -46,6 +48,8 @@ class DataConfig:
             (self.randaugment_n >= 0 and 0 <= self.randaugment_m <= 30,
              "randaugment_n must be >= 0 and randaugment_m in [0, 30]"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0 disables)"),
+            (isinstance(self.repeated_aug, int) and self.repeated_aug >= 1,
+             f"repeated_aug must be a repeat count >= 1 (1: off), got {self.repeated_aug}"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.classes),
              f"classes must be class indices >= 0, got {self.classes}"),

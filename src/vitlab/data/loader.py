@@ -109,6 +109,8 @@ class Loader:
         if self.train:
             g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch))
             order = torch.randperm(n, generator=g)
+            if (r := self.cfg.repeated_aug) > 1:  # r copies side by side: one global batch (ranks take turns)
+                order = order[: math.ceil(n / r)].repeat_interleave(r)[:n]
         else:
             order = torch.arange(n)
         return order[self.rank::self.world_size][: self._share()]
