@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from vitlab.checkpoint import write_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS, STORE, PNG = HERE / "README.md", HERE / "cifar10_budget.json", HERE / "cifar10_budget.png"
@@ -232,14 +234,7 @@ def missing(points: list[dict]) -> list[str]:
 
 
 def write_results(points: list[dict]) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    new = section(points)
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + new + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    RESULTS.write_text(text)
+    write_section(RESULTS, section(points), START, END, title="# Benchmark results\n")
     plot(current(points), PNG, previous(points))
 
 

@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import vitlab  # noqa: E402
+from vitlab import checkpoint  # noqa: E402
 from vitlab.data import DataConfig  # noqa: E402
 from vitlab.data.cifar import RECORD_PIXELS  # noqa: E402
 from vitlab.models import ResNetV2, build_model, get_spec  # noqa: E402
@@ -163,13 +164,7 @@ def section(rows: list[dict], info: dict, planned: int, png: Path, results: Path
 
 def write_section(results: Path, text: str) -> None:
     """Replace the compare section of ``results`` (or append it), leaving every other section alone."""
-    old = results.read_text() if results.exists() else "# Benchmark results\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    results.write_text(new)
+    checkpoint.write_section(results, text, START, END, title="# Benchmark results\n")
 
 
 def main(argv: list[str] | None = None) -> int:

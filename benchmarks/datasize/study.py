@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import vitlab  # noqa: E402
+from vitlab.checkpoint import write_section  # noqa: E402
 from vitlab.cli import main as vitlab_main  # noqa: E402
 from vitlab.models import build_model, get_spec  # noqa: E402
 from vitlab.config import replace_checked  # noqa: E402
@@ -389,18 +390,6 @@ def section(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Nam
     return "\n".join(lines) + "\n"
 
 
-def write_section(results: Path, text: str) -> None:
-    """Replace the datasize section of ``results`` (or append it), leaving the rest alone."""
-    old = results.read_text() if results.exists() else ""
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old else "") + text
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(new)
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -489,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                     for k, v in vars(args).items()},
                                          "rows": rows}, indent=1) + "\n")
         png = plot(rows, [int(s) for s in args.shots.split(",")], args.plot, args.finetune_images)
-        write_section(args.results, section(rows, info, args, png, args.results, planned, families))
+        write_section(args.results, section(rows, info, args, png, args.results, planned, families), START, END)
 
     print(f"uptime before: {info['uptime_before']}", flush=True)
     for size in [0, *args.sizes] if args.baseline else args.sizes:

@@ -49,6 +49,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def write_section(path: str | os.PathLike, text: str, start: str, end: str, *, title: str = "") -> Path:
+    """Replace the part of the markdown file ``path`` from marker ``start`` to ``end`` with ``text``
+    (which holds both markers), or append it (to ``title`` in a new file); atomically, the rest kept."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else title
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + text.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old else "") + text.rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(new))
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Atomically write ``data`` as indented JSON."""
     def write(tmp: str) -> None:
